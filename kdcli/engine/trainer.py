@@ -11,7 +11,8 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from kdcli.data import Collator, build_examples, load_rows
 from kdcli.engine.objective import IGNORE_INDEX, Objective
 from kdcli.engine.observer import Observer, SilentObserver
 from kdcli.engine.optim import build_optimizer, build_scheduler
+from kdcli.engine.teachers import OnlineTeacher, TeacherSource
 from kdcli.errors import KdError
 from kdcli.models import build_student, check_tokenizers, count_parameters, load_teacher, load_tokenizer
 from kdcli.recipe import Recipe
@@ -53,37 +55,20 @@ def distill(recipe: Recipe, *, overwrite: bool = False, observer: Observer | Non
         torch.set_num_threads(recipe.train.threads)
 
     precision = recipe.train.precision
-    teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    observer.message(f"Loading teacher {recipe.teacher.model}")
-    teacher_tokenizer = load_tokenizer(recipe.teacher.model)
-    teacher = load_teacher(recipe.teacher, teacher_dtype)
-    observer.message(f"Building student ({recipe.student.init})")
-    # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
-    student, tokenizer = build_student(
-        recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher
-    )
-    # Padded output layers may differ in width; only the columns both tokenizers use are compared.
-    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher.config, student.config)
-
-    train_rows = load_rows(recipe.data.train, "train", "data.train")
-    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
-    if len(train_set) == 0:
-        raise KdError(f"data.train: no usable examples in {recipe.data.train} (all were empty or dropped).")
-    eval_set = None
-    if recipe.data.eval:
-        eval_rows = load_rows(recipe.data.eval, "eval", "data.eval")
-        eval_set = build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    autocast = _autocast(precision)
+    parts = prepare(recipe, autocast, observer)
+    teacher, student, tokenizer = parts.teacher, parts.student, parts.tokenizer
+    train_set, eval_set = parts.train_set, parts.eval_set
 
     cfg = recipe.train
     window = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / window))
     objective = Objective(recipe.loss)
-    collate = Collator(tokenizer.pad_token_id)
-    autocast = _autocast(precision)
+    collate = parts.collate
 
     run_dir = prepare_run_dir(recipe, overwrite=overwrite)
     write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(recipe))
-    params = {"teacher": count_parameters(teacher), "student": count_parameters(student)}
+    params = {"teacher": teacher.num_parameters, "student": count_parameters(student)}
     observer.on_start(
         {
             "run_dir": str(run_dir),
@@ -99,7 +84,7 @@ def distill(recipe: Recipe, *, overwrite: bool = False, observer: Observer | Non
         if eval_set is None or len(eval_set) == 0:
             return None
         batches = (collate(eval_set[i : i + cfg.eval_batch_size]) for i in range(0, len(eval_set), cfg.eval_batch_size))
-        return evaluate(student, teacher, batches, objective, autocast, width)
+        return evaluate(student, teacher, batches, objective, autocast, parts.width)
 
     eval_before = score()
     if eval_before:
@@ -123,19 +108,14 @@ def distill(recipe: Recipe, *, overwrite: bool = False, observer: Observer | Non
             stats: dict[str, float] = {}
             step_tokens = 0
             for batch in window_batches:
-                with torch.no_grad(), autocast:
-                    teacher_logits = teacher(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
+                targets = teacher.targets(batch)
                 with autocast:
                     student_logits = student(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
-                terms = objective(
-                    student_logits[..., :width], teacher_logits[..., :width], batch["labels"], num_valid=num_valid
-                )
+                terms = objective(student_logits[..., : parts.width], targets, batch["labels"], num_valid=num_valid)
                 terms.total.backward()
-                del teacher_logits, student_logits
+                del targets, student_logits
                 for key, value in (("loss", terms.total), ("ce", terms.ce), ("kd", terms.kd)):
                     sums[key] += float(value.detach())
                 for key, value in terms.stats.items():
@@ -214,6 +194,44 @@ def distill(recipe: Recipe, *, overwrite: bool = False, observer: Observer | Non
     return summary
 
 
+@dataclass
+class Prepared:
+    """Everything the loop needs, built from the recipe before the run folder is touched."""
+
+    teacher: TeacherSource
+    student: torch.nn.Module
+    tokenizer: Any
+    width: int  # logit columns compared: the vocabulary teacher and student share
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any] | None
+    collate: Callable[[Sequence[Any]], Batch]
+
+
+def prepare(recipe: Recipe, autocast: contextlib.AbstractContextManager[Any], observer: Observer) -> Prepared:
+    """Load the teacher, build the student, check that their tokenizers agree, and tokenize the data."""
+    teacher_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
+    observer.message(f"Loading teacher {recipe.teacher.model}")
+    teacher_tokenizer = load_tokenizer(recipe.teacher.model)
+    teacher_model = load_teacher(recipe.teacher, teacher_dtype)
+    observer.message(f"Building student ({recipe.student.init})")
+    # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
+    student, tokenizer = build_student(
+        recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher_model
+    )
+    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_model.config, student.config)
+    teacher = OnlineTeacher(teacher_model, autocast, width, recipe.teacher.model)
+
+    train_rows = load_rows(recipe.data.train, "train", "data.train")
+    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
+    if len(train_set) == 0:
+        raise KdError(f"data.train: no usable examples in {recipe.data.train} (all were empty or dropped).")
+    eval_set = None
+    if recipe.data.eval:
+        eval_rows = load_rows(recipe.data.eval, "eval", "data.eval")
+        eval_set = build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    return Prepared(teacher, student, tokenizer, width, train_set, eval_set, Collator(tokenizer.pad_token_id))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -225,7 +243,9 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def micro_batches(examples: Any, collate: Collator, batch_size: int, seed: int) -> Iterator[Batch]:
+def micro_batches(
+    examples: Sequence[Any], collate: Callable[[Sequence[Any]], Batch], batch_size: int, seed: int
+) -> Iterator[Batch]:
     """Endless micro-batches: each epoch a fresh seeded permutation, so a run is reproducible from its seed."""
     epoch = 0
     while True:
@@ -239,7 +259,7 @@ def micro_batches(examples: Any, collate: Collator, batch_size: int, seed: int) 
 @torch.no_grad()
 def evaluate(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: TeacherSource,
     batches: Any,
     objective: Objective,
     autocast: contextlib.AbstractContextManager[Any],
@@ -254,11 +274,10 @@ def evaluate(
         valid = int((batch["labels"] != IGNORE_INDEX).sum())
         if valid == 0:
             continue
+        targets = teacher.targets(batch)
         with autocast:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            teacher_logits = teacher(**inputs).logits
-            student_logits = student(**inputs).logits
-        terms = objective(student_logits[..., :width], teacher_logits[..., :width], batch["labels"])
+            student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        terms = objective(student_logits[..., :width], targets, batch["labels"])
         sums["eval_loss"] += float(terms.total) * valid
         sums["eval_ce"] += float(terms.ce) * valid
         sums["eval_kd"] += float(terms.kd) * valid
