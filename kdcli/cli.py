@@ -239,6 +239,68 @@ def eval_(
             observer.close()
 
 
+@app.command()
+def compare(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN", help="Run folders (<output_dir>/<name>) to compare.", show_default=False),
+    ],
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="The run deltas are taken against (default: the first).", show_default=False),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG: loss curves, metric bars with CIs, diagnostics.", show_default=False),
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", "-f", help="table, markdown, json or csv (the last three print plain text).")
+    ] = "table",
+    resamples: Annotated[int, typer.Option("--resamples", help="Paired bootstrap resamples per test.")] = 10_000,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="Head-to-head LLM judge against the baseline: gpt4.", show_default=False),
+    ] = None,
+    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name.")] = "gpt-4",
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-url",
+            help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else OpenAI).",
+            show_default=False,
+        ),
+    ] = None,
+    judge_max_examples: Annotated[
+        int | None,
+        typer.Option("--judge-max-examples", help="Judge the first N shared examples per pass.", show_default=False),
+    ] = None,
+    judge_concurrency: Annotated[int, typer.Option("--judge-concurrency", help="Judge requests in flight.")] = 4,
+    judge_retries: Annotated[int, typer.Option("--judge-retries", help="Retries on 429, 5xx and timeouts.")] = 5,
+    judge_timeout: Annotated[float, typer.Option("--judge-timeout", help="Seconds per judge request.")] = 120.0,
+) -> None:
+    """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% CIs over seeds, and
+    deltas against a baseline with paired bootstrap p-values."""
+    from kdcli.compare.cli import run_compare
+    from kdcli.ui import console
+
+    with user_errors():
+        run_compare(
+            runs,
+            console,
+            baseline=baseline,
+            plot=plot,
+            fmt=format_,
+            resamples=resamples,
+            judge=judge,
+            judge_model=judge_model,
+            judge_url=judge_url,
+            judge_max_examples=judge_max_examples,
+            judge_concurrency=judge_concurrency,
+            judge_retries=judge_retries,
+            judge_timeout=judge_timeout,
+        )
+
+
 def main() -> None:
     app()
 

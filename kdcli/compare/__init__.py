@@ -1,0 +1,46 @@
+"""`kd compare`: runs side by side — the recipe keys that differ, training numbers, eval metrics with 95 % CIs over
+seeds, deltas against a baseline with paired bootstrap p-values over examples, an optional head-to-head judge, and a
+PNG of the curves.
+
+    from kdcli.compare import compare_runs, load_runs, to_markdown
+    runs = load_runs([Path("runs/quickstart-fkl"), Path("runs/quickstart-akl")])
+    comparison = compare_runs(runs)             # the first run is the baseline
+    print(to_markdown(comparison))
+
+Layout: `runs` (reading run folders), `setup_diff`, `stats` (t interval, paired bootstrap), `core` (the comparison
+as data), `render` (rich, Markdown, JSON, CSV), `plot` (matplotlib, lazily), `head_to_head` (the pairwise judge).
+"""
+
+from kdcli.compare.core import Comparison, HeadToHead, MetricCell, MetricRow, SetComparison, ValueRow, compare_runs
+from kdcli.compare.render import FORMATS, print_table, render_text, rich_view, sparkline, to_csv, to_json, to_markdown
+from kdcli.compare.runs import RunData, load_run, load_runs
+from kdcli.compare.setup_diff import SetupRow, flatten, setup_diff
+from kdcli.compare.stats import MeanCI, mean_ci, paired_bootstrap, t_quantile
+
+__all__ = [
+    "FORMATS",
+    "Comparison",
+    "HeadToHead",
+    "MeanCI",
+    "MetricCell",
+    "MetricRow",
+    "RunData",
+    "SetComparison",
+    "SetupRow",
+    "ValueRow",
+    "compare_runs",
+    "flatten",
+    "load_run",
+    "load_runs",
+    "mean_ci",
+    "paired_bootstrap",
+    "print_table",
+    "render_text",
+    "rich_view",
+    "setup_diff",
+    "sparkline",
+    "t_quantile",
+    "to_csv",
+    "to_json",
+    "to_markdown",
+]

@@ -1,0 +1,79 @@
+"""The `kd compare` command's body: validate options, load, compare, judge, render, plot. `kdcli/cli.py` only
+parses arguments and turns a `KdError` into one line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from kdcli.compare.core import compare_runs
+from kdcli.compare.render import FORMATS, print_table, render_text
+from kdcli.compare.runs import load_runs
+from kdcli.errors import KdError
+
+
+def run_compare(
+    runs: list[Path],
+    console: Console,
+    *,
+    baseline: Path | None = None,
+    plot: Path | None = None,
+    fmt: str = "table",
+    resamples: int = 10_000,
+    judge: str | None = None,
+    judge_model: str = "gpt-4",
+    judge_url: str | None = None,
+    judge_max_examples: int | None = None,
+    judge_concurrency: int = 4,
+    judge_retries: int = 5,
+    judge_timeout: float = 120.0,
+    api_key: str | None = None,
+) -> None:
+    if fmt not in FORMATS:
+        raise KdError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}.")
+    if resamples < 100:
+        raise KdError(f"--resamples: at least 100 (got {resamples}); 10000 gives p-values to about ±0.005.")
+    if judge_max_examples is not None and judge_max_examples < 1:
+        raise KdError(f"--judge-max-examples: must be at least 1 (got {judge_max_examples}).")
+    if judge_concurrency < 1 or judge_retries < 0 or judge_timeout <= 0:
+        raise KdError("--judge-concurrency must be ≥ 1, --judge-retries ≥ 0 and --judge-timeout > 0.")
+    if plot is not None:
+        from kdcli.compare.plot import check_plot_path
+
+        check_plot_path(plot)
+    paths = list(runs)
+    base_label = None
+    if baseline is not None:
+        match = [p for p in paths if p.resolve() == baseline.resolve()]
+        if not match:
+            paths.insert(0, baseline)  # a baseline not listed joins the comparison, as its first column
+        base_index = paths.index(match[0]) if match else 0
+    loaded = load_runs(paths)
+    if baseline is not None:
+        base_label = loaded[base_index].label
+    client = None
+    if judge is not None:
+        # Checked before the (possibly slow) statistics, so a missing key costs nothing.
+        from kdcli.compare.head_to_head import judge_client
+        from kdcli.evaluation.judge import JudgeSettings
+
+        settings = JudgeSettings(judge_model, judge_url, judge_concurrency, judge_retries, timeout=judge_timeout)
+        base_run = next(r for r in loaded if r.label == (base_label or loaded[0].label))
+        client = judge_client(judge, settings, base_run, api_key)
+    comparison = compare_runs(loaded, base_label, resamples=resamples)
+    if client is not None:
+        from kdcli.compare.head_to_head import head_to_head
+
+        head_to_head(comparison, loaded, client, max_examples=judge_max_examples)
+    if fmt == "table":
+        print_table(comparison, console)
+    else:
+        typer.echo(render_text(comparison, fmt), nl=False)
+    if plot is not None:
+        from kdcli.compare.plot import write_plot
+
+        write_plot(comparison, plot)
+        if fmt == "table":
+            console.print(f"[dim]plot: {plot}[/dim]", highlight=False)

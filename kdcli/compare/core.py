@@ -1,0 +1,422 @@
+"""`compare_runs`: the whole comparison as data (setup diff, training, evaluation, notes), ready to render.
+
+Evaluation is compared only on what every run that has a set shares: the same passes (seeds) and the same
+examples (matched by index and prompt). Per-seed values are recomputed from the generation files on that shared
+part, with kd eval's own metric functions, so the mean ± CI, the delta and the bootstrap all describe the same
+numbers. When a run's generation files are gone, its results.json values are shown and no p-value is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kdcli.compare.runs import RunData
+from kdcli.compare.setup_diff import SetupRow, setup_diff
+from kdcli.compare.stats import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    DistinctStat,
+    MeanStat,
+    RatioStat,
+    Statistic,
+    mean_ci,
+    observed,
+    paired_bootstrap_many,
+)
+
+HIGHER, LOWER, NONE = "higher", "lower", "none"
+# (key, title, better direction, format). Length has no better direction: shorter is not better, nor longer.
+EVAL_METRICS = (
+    ("rougeL", "ROUGE-L", HIGHER, "{:.2f}"),
+    ("exact_match", "exact match", HIGHER, "{:.1f}"),
+    ("distinct_1", "distinct-1", HIGHER, "{:.3f}"),
+    ("distinct_2", "distinct-2", HIGHER, "{:.3f}"),
+    ("length", "length (tokens)", NONE, "{:.1f}"),
+    ("judge", "judge", HIGHER, "{:.1f}"),
+)
+# metrics.jsonl keys that are the trainer's own, not a divergence's diagnostics.
+_STEP_KEYS = frozenset({"step", "loss", "kd", "ce", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "valid_positions"})
+DEFAULT_SEEDS = ("seed-10", "seed-20", "seed-30", "seed-40", "seed-50")
+
+
+@dataclass
+class MetricCell:
+    mean: float
+    ci95: float | None  # half-width of the 95 % t interval over seeds; None with one seed
+    seeds: int
+    delta: float | None = None  # against the baseline
+    p_value: float | None = None  # paired bootstrap over examples, two-sided
+    significant: bool | None = None  # p < 0.05
+    best: bool = False
+
+
+@dataclass
+class MetricRow:
+    metric: str
+    title: str
+    direction: str
+    format: str
+    cells: dict[str, MetricCell | None]  # run label → cell; None: not evaluated
+
+
+@dataclass
+class SetComparison:
+    set: str
+    mode: str  # sampling or greedy
+    passes: list[str]  # the shared passes, e.g. seed-10
+    examples: int | None  # shared examples per pass; None when the generation files are missing
+    rows: list[MetricRow]
+    notes: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)  # run label → the kd eval command that fills it
+
+
+@dataclass
+class ValueRow:
+    key: str
+    title: str
+    direction: str
+    values: dict[str, float | None]
+    best: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HeadToHead:
+    run: str
+    baseline: str
+    set: str
+    mode: str
+    pairs: int  # (example, pass) pairs with both verdicts
+    wins: float  # rates in [0, 1], from `run`'s side
+    ties: float
+    losses: float
+    excluded: int  # pairs left out because a verdict failed
+    requests: int
+    cache_hits: int
+
+
+@dataclass
+class Comparison:
+    runs: list[str]
+    paths: list[str]
+    baseline: str
+    setup: list[SetupRow]
+    training: list[ValueRow]
+    evaluation: list[SetComparison]
+    notes: list[str] = field(default_factory=list)
+    head_to_head: list[HeadToHead] = field(default_factory=list)
+    resamples: int = DEFAULT_RESAMPLES
+    # Curves for the sparkline and the plot: run → [(step, value)]; not part of the JSON output.
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("curves")
+        return data
+
+
+def compare_runs(
+    runs: Sequence[RunData],
+    baseline: str | None = None,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Comparison:
+    """Compare `runs` (the baseline is the first unless named by label)."""
+    labels = [run.label for run in runs]
+    base = baseline or labels[0]
+    if base not in labels:
+        raise ValueError(f"baseline {base!r} is not one of the runs")
+    comparison = Comparison(
+        runs=labels,
+        paths=[str(run.path) for run in runs],
+        baseline=base,
+        setup=setup_diff({run.label: run.recipe for run in runs}, labels),
+        training=training_rows(runs),
+        evaluation=[],
+        resamples=resamples,
+        curves={run.label: curves_of(run) for run in runs},
+    )
+    if len({str(run.run.get("divergence")) for run in runs}) > 1:
+        comparison.notes.append(
+            "Train and eval loss include each divergence's own KD term, so they are not ranked across divergences; "
+            "eval CE is."
+        )
+    keys: list[tuple[str, str]] = []
+    for run in runs:
+        keys.extend((name, mode) for name, modes in run.sets().items() for mode in modes if (name, mode) not in keys)
+    for name, mode in keys:
+        comparison.evaluation.append(compare_set(runs, base, name, mode, resamples=resamples, seed=seed))
+    for run in runs:
+        if not run.sets():
+            comparison.notes.append(f"{run.label} has no evaluation yet: run `kd eval {run.path}` to fill it.")
+    return comparison
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
+    same_objective = len({(str(r.run.get("divergence")), str(_get(r.recipe, "loss", "kd_ratio"))) for r in runs}) == 1
+    loss_direction = LOWER if same_objective else NONE
+    rows = [
+        ValueRow("train_loss", "train loss (last step)", loss_direction, {}),
+        ValueRow("eval_loss", "eval loss (end)", loss_direction, {}),
+        ValueRow("eval_ce", "eval CE (end)", LOWER, {}),
+        ValueRow("steps", "steps", NONE, {}),
+        ValueRow("tokens_per_s", "tokens/s", HIGHER, {}),
+        ValueRow("wall_seconds", "wall time (s)", LOWER, {}),
+        ValueRow("teacher_parameters", "teacher parameters", NONE, {}),
+        ValueRow("student_parameters", "student parameters", NONE, {}),
+    ]
+    for run in runs:
+        info = run.run
+        after = info.get("eval_after") or {}
+        values = {
+            "train_loss": (info.get("final") or {}).get("loss"),
+            "eval_loss": after.get("eval_loss"),
+            "eval_ce": after.get("eval_ce"),
+            "steps": info.get("steps"),
+            "tokens_per_s": info.get("tokens_per_s"),
+            "wall_seconds": info.get("wall_seconds"),
+            "teacher_parameters": (info.get("parameters") or {}).get("teacher"),
+            "student_parameters": (info.get("parameters") or {}).get("student"),
+        }
+        for row in rows:
+            row.values[run.label] = _number(values[row.key])
+    # Diagnostics are averaged over the logged steps: a single step's value is noisy.
+    diagnostics: list[str] = []
+    for run in runs:
+        for step in run.steps:
+            diagnostics.extend(k for k in step if k not in _STEP_KEYS and k not in diagnostics)
+    for key in diagnostics:
+        row = ValueRow(key, f"{key} (mean over steps)", NONE, {})
+        for run in runs:
+            values = [float(s[key]) for s in run.steps if _number(s.get(key)) is not None]
+            row.values[run.label] = math.fsum(values) / len(values) if values else None
+        rows.append(row)
+    rows = [row for row in rows if any(v is not None for v in row.values.values())]
+    for row in rows:
+        if len(runs) > 1:
+            row.best = _best({k: v for k, v in row.values.items() if v is not None}, row.direction)
+    return rows
+
+
+def curves_of(run: RunData) -> dict[str, list[tuple[int, float]]]:
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for line in run.steps:
+        for key, value in line.items():
+            if key != "step" and key not in ("lr", "elapsed_s", "tokens_per_s", "valid_positions"):
+                number = _number(value)
+                if number is not None and "step" in line:
+                    curves.setdefault(key, []).append((int(line["step"]), number))
+    for line in run.evals:
+        if _number(line.get("eval_loss")) is not None and "step" in line:
+            curves.setdefault("eval_loss", []).append((int(line["step"]), float(line["eval_loss"])))
+    return curves
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def pass_labels(entry: dict[str, Any]) -> list[str]:
+    if entry.get("mode") == "greedy":
+        return ["greedy"]
+    if entry.get("seeds"):
+        return [f"seed-{s}" for s in entry["seeds"]]
+    return list((entry.get("metrics", {}).get("rougeL") or {}).get("per_seed", {}))
+
+
+def row_key(row: dict[str, Any]) -> tuple[int, str]:
+    return int(row.get("index", -1)), str(row.get("prompt", row.get("instruction", "")))
+
+
+def eval_hint(run: RunData, set_name: str, entry: dict[str, Any]) -> str:
+    """The kd eval command that gives `run` the set `entry` describes (as another run has it)."""
+    command = f"kd eval {run.path} --data {set_name}={entry.get('data', set_name)}"
+    if entry.get("mode") == "greedy":
+        return command + " --greedy"
+    labels = pass_labels(entry)
+    if tuple(labels) != DEFAULT_SEEDS:
+        command += " --seeds " + ",".join(label.removeprefix("seed-") for label in labels)
+    return command
+
+
+def compare_set(
+    runs: Sequence[RunData], baseline: str, set_name: str, mode: str, *, resamples: int, seed: int
+) -> SetComparison:
+    have = [run for run in runs if mode in run.sets().get(set_name, {})]
+    entries = {run.label: run.sets()[set_name][mode] for run in have}
+    result = SetComparison(set_name, mode, [], None, [])
+    some_entry = entries[have[0].label]
+    for run in runs:
+        if run.label not in entries:
+            result.missing[run.label] = eval_hint(run, set_name, some_entry)
+    own = {label: pass_labels(entry) for label, entry in entries.items()}
+    shared = [p for p in own[have[0].label] if all(p in passes for passes in own.values())]
+    result.passes = shared
+    if any(len(passes) != len(shared) for passes in own.values()):
+        result.notes.append(
+            f"{set_name}: the runs were evaluated on different passes; compared on the {len(shared)} they share"
+            + (f" ({', '.join(shared)})." if shared else " (none: nothing is compared).")
+        )
+    _note_settings(result, entries)
+    statistics = _statistics(have, set_name, shared, result) if shared else None
+
+    present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
+    for key, title, direction, fmt in present:
+        row = MetricRow(key, title, direction, fmt, dict.fromkeys((r.label for r in runs), None))
+        for run in have:
+            values = _per_pass_values(run, entries[run.label], key, shared, statistics)
+            if values:
+                ci = mean_ci(values)
+                row.cells[run.label] = MetricCell(ci.mean, ci.half_width, ci.n)
+        result.rows.append(row)
+    judged = [label for label, entry in entries.items() if "judge" in entry.get("metrics", {})]
+    if judged and len(judged) < len(entries):
+        for run in have:
+            if run.label not in judged:
+                result.notes.append(
+                    f"{set_name}: {run.label} has no judge score: run `{eval_hint(run, set_name, entries[run.label])} "
+                    "--judge gpt4` to add it."
+                )
+    if statistics is not None and baseline in entries:
+        _test_against_baseline(result, statistics, baseline, resamples, seed)
+    elif baseline not in entries and len(have) > 1:
+        result.notes.append(f"{set_name}: the baseline {baseline} has no {mode} eval on it, so no deltas are given.")
+    for row in result.rows:
+        means = {k: cell.mean for k, cell in row.cells.items() if cell is not None and not math.isnan(cell.mean)}
+        for label in _best(means, row.direction) if len(means) > 1 else []:
+            cell = row.cells[label]
+            assert cell is not None
+            cell.best = True
+    return result
+
+
+Stats = dict[str, dict[str, dict[str, Statistic]]]  # run label → metric → pass label → statistic
+
+
+def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], result: SetComparison) -> Stats | None:
+    """Per-example statistics on the shared examples, or None (with a note) when a generation file is missing."""
+    from kdcli.evaluation.metrics import exact_match, references_of, rouge_l, words
+
+    rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]] = {}
+    for run in have:
+        rows[run.label] = {}
+        for label in passes:
+            found = run.pass_rows(set_name, label)
+            if found is None:
+                result.notes.append(
+                    f"{set_name}: {run.eval_dir / set_name / (label + '.jsonl')} is missing, so values come from "
+                    "results.json and no p-values are given. Re-run kd eval on that run to restore it."
+                )
+                return None
+            rows[run.label][label] = {row_key(row): row for row in found}
+    counts: list[int] = []
+    stats: Stats = {run.label: {} for run in have}
+    for label in passes:
+        keys = [k for k in rows[have[0].label][label] if all(k in rows[r.label][label] for r in have)]
+        counts.append(len(keys))
+        biggest = max(len(rows[r.label][label]) for r in have)
+        if len(keys) < biggest and not any("examples they share" in note for note in result.notes):
+            result.notes.append(
+                f"{set_name}: the runs' example sets differ; compared on the {len(keys)} examples they share "
+                f"(of up to {biggest})."
+            )
+        judged = [run.judge_scores(set_name, label) for run in have]
+        judge_keys = [] if any(j is None for j in judged) else [
+            k for k in keys if all(k[0] in j for j in judged if j is not None)
+        ]
+        for run, scores in zip(have, judged, strict=True):
+            picked = [rows[run.label][label][k] for k in keys]
+            responses = [str(row.get("response", "")) for row in picked]
+            per = stats[run.label]
+            per.setdefault("rougeL", {})[label] = MeanStat(
+                [rouge_l(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
+            )
+            per.setdefault("exact_match", {})[label] = MeanStat(
+                [exact_match(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
+            )
+            per.setdefault("length", {})[label] = MeanStat([float(row.get("tokens", 0)) for row in picked])
+            tokenised = [words(text) for text in responses]
+            per.setdefault("distinct_1", {})[label] = DistinctStat(tokenised, 1)
+            per.setdefault("distinct_2", {})[label] = DistinctStat(tokenised, 2)
+            if scores is not None and judge_keys:
+                pairs = [scores[k[0]] for k in judge_keys]
+                per.setdefault("judge", {})[label] = RatioStat([m for m, _ in pairs], [r for _, r in pairs])
+    result.examples = min(counts) if counts else 0
+    return stats
+
+
+def _per_pass_values(
+    run: RunData, entry: dict[str, Any], key: str, passes: list[str], statistics: Stats | None
+) -> list[float]:
+    if statistics is not None:
+        per_pass = statistics[run.label].get(key, {})
+        if len(per_pass) == len(passes):
+            values = [observed(per_pass[p]) for p in passes]
+            return [v for v in values if not math.isnan(v)]
+        if key != "judge":
+            return []
+    per_seed = (entry.get("metrics", {}).get(key) or {}).get("per_seed", {})
+    return [float(per_seed[p]) for p in passes if _number(per_seed.get(p)) is not None]
+
+
+def _test_against_baseline(result: SetComparison, stats: Stats, baseline: str, resamples: int, seed: int) -> None:
+    for label, per in stats.items():
+        if label == baseline:
+            continue
+        base = stats[baseline]
+        # The judge covers its own subset of examples (those judged in both orders for every run): its own test.
+        judge = ["judge"] if "judge" in per and "judge" in base else []
+        groups = [[m for m in per if m != "judge" and m in base], judge]
+        for metrics in groups:
+            if not metrics:
+                continue
+            strata = [[(base[m][p], per[m][p]) for m in metrics] for p in result.passes]
+            tests = paired_bootstrap_many(strata, resamples=resamples, seed=seed)
+            for metric, test in zip(metrics, tests, strict=True):
+                row = next((r for r in result.rows if r.metric == metric), None)
+                cell = row.cells.get(label) if row else None
+                if cell is None or test is None:
+                    continue
+                cell.delta, cell.p_value, cell.significant = test.delta, test.p_value, test.significant
+
+
+def _note_settings(result: SetComparison, entries: dict[str, dict[str, Any]]) -> None:
+    settings = {label: entry.get("settings") or {} for label, entry in entries.items()}
+    keys = sorted({k for s in settings.values() for k in s})
+    differing = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
+    if differing:
+        detail = "; ".join(
+            f"{k}: " + ", ".join(f"{label} {settings[label].get(k)}" for label in settings) for k in differing
+        )
+        result.notes.append(f"{result.set}: generated with different settings ({detail}).")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _best(values: dict[str, float], direction: str) -> list[str]:
+    """The runs with the best value; none when there is no better direction or every run has the same value."""
+    if not values or direction == NONE:
+        return []
+    target = max(values.values()) if direction == HIGHER else min(values.values())
+    best = [label for label, v in values.items() if math.isclose(v, target, rel_tol=1e-12, abs_tol=1e-12)]
+    return best if len(best) < len(values) else []
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return None if math.isnan(float(value)) else float(value)
+
+
+def _get(data: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)  # type: ignore[assignment]
+    return data

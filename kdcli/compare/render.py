@@ -1,0 +1,350 @@
+"""Rendering a `Comparison`: rich tables for the terminal, Markdown for a README or paper, JSON and CSV for
+machines. Nothing is computed here beyond formatting."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from kdcli.compare.core import HIGHER, LOWER, Comparison, MetricCell, MetricRow, SetComparison, ValueRow
+
+FORMATS = ("table", "markdown", "json", "csv")
+MISSING = "—"
+BEST = "★"
+ARROWS = {HIGHER: "↑", LOWER: "↓"}
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def legend(comparison: Comparison) -> str:
+    return (
+        f"mean ± 95% CI over seeds (Student t; none with one seed) · Δ against the baseline {comparison.baseline} · "
+        f"p: two-sided paired bootstrap over examples (same prompts and seeds, {comparison.resamples:,} resamples) · "
+        f"* p < 0.05, n.s. not significant · {BEST} best · ↑ higher is better, ↓ lower is better, no arrow: neither"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """The curve in `width` block characters (bucket means), scaled between its own min and max."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return ""
+    if len(finite) > width:
+        edges = [round(i * len(finite) / width) for i in range(width + 1)]
+        finite = [sum(finite[a:b]) / (b - a) for a, b in itertools.pairwise(edges) if b > a]
+    low, high = min(finite), max(finite)
+    span = high - low
+    return "".join(_BLOCKS[0 if span == 0 else min(7, int((v - low) / span * 8))] for v in finite)
+
+
+def _number(value: float | None, fmt: str = "{:.4g}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if fmt == "{:.4g}" and abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return fmt.format(value)
+
+
+def _text(value: str | None) -> str:
+    return MISSING if value is None else value
+
+
+def _p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
+def _mean_text(cell: MetricCell, fmt: str) -> str:
+    text = fmt.format(cell.mean)
+    return text + (f" ± {fmt.format(cell.ci95)}" if cell.ci95 is not None else "")
+
+
+def _delta_text(cell: MetricCell, fmt: str) -> str | None:
+    if cell.delta is None:
+        return None
+    sign = "+" if cell.delta >= 0 else "−"
+    text = f"Δ {sign}{fmt.format(abs(cell.delta))}"
+    if cell.p_value is not None:
+        text += f" {_p(cell.p_value)} " + ("*" if cell.significant else "n.s.")
+    return text
+
+
+def _title(row: MetricRow | ValueRow) -> str:
+    arrow = ARROWS.get(row.direction)
+    return f"{row.title} {arrow}" if arrow else row.title
+
+
+def _set_title(s: SetComparison) -> str:
+    size = f"{len(s.passes)} pass{'es' if len(s.passes) != 1 else ''}"
+    if s.examples is not None:
+        size += f" × {s.examples} examples"
+    return f"eval · {s.set} ({s.mode}) · {size}"
+
+
+# ------------------------------------------------------------------------------------------------ rich
+
+
+def rich_view(comparison: Comparison) -> Group:
+    base = escape(comparison.baseline)
+    parts: list[Any] = [
+        Text.from_markup(f"[bold]kd compare[/bold] · {len(comparison.runs)} runs · baseline [cyan]{base}[/cyan]")
+    ]
+    parts.append(_setup_table(comparison))
+    parts.append(_training_table(comparison))
+    parts.extend(_eval_table(comparison, s) for s in comparison.evaluation)
+    if comparison.head_to_head:
+        parts.append(_h2h_table(comparison))
+    notes = _notes(comparison)
+    if notes:
+        parts.append(Text("notes", style="bold"))
+        parts.extend(Text(f"• {note}", style="yellow") for note in notes)
+    parts.append(Text(legend(comparison), style="dim"))
+    return Group(*parts)
+
+
+def _setup_table(comparison: Comparison) -> Table | Text:
+    if not comparison.setup:
+        return Text("setup: the recipes are identical (name and output_dir aside).", style="dim")
+    table = Table(title="setup: recipe keys that differ", header_style="bold", title_justify="left")
+    table.add_column("key", style="cyan", no_wrap=True)
+    for label in comparison.runs:
+        table.add_column(escape(label))
+    for row in comparison.setup:
+        table.add_row(row.key, *[escape(_text(row.values[label])) for label in comparison.runs])
+    return table
+
+
+def _training_table(comparison: Comparison) -> Table:
+    table = Table(title="training", header_style="bold", title_justify="left")
+    table.add_column("", style="cyan", no_wrap=True)
+    for label in comparison.runs:
+        table.add_column(escape(label), justify="right")
+    for row in comparison.training:
+        cells = []
+        for label in comparison.runs:
+            text = _number(row.values.get(label))
+            cells.append(f"[bold green]{text} {BEST}[/bold green]" if label in row.best else text)
+        table.add_row(_title(row), *cells)
+    curves = [comparison.curves.get(label, {}).get("loss", []) for label in comparison.runs]
+    if any(curves):
+        lines = [sparkline([v for _, v in curve], width=16) or MISSING for curve in curves]
+        table.add_row("loss curve", *lines, style="magenta")
+    return table
+
+
+def _eval_table(comparison: Comparison, s: SetComparison) -> Table:
+    table = Table(title=escape(_set_title(s)), header_style="bold", title_justify="left")
+    table.add_column("metric", style="cyan", no_wrap=True)
+    for label in comparison.runs:
+        suffix = " (baseline)" if label == comparison.baseline else ""
+        table.add_column(escape(label + suffix), justify="right")
+    for row in s.rows:
+        cells: list[Text | str] = []
+        for label in comparison.runs:
+            cell = row.cells.get(label)
+            if cell is None:
+                cells.append(Text(MISSING, style="dim"))
+                continue
+            text = Text(_mean_text(cell, row.format) + (f" {BEST}" if cell.best else ""))
+            if cell.best:
+                text.stylize("bold green")
+            delta = _delta_text(cell, row.format)
+            if delta is not None:
+                text.append("\n" + delta, style="bold" if cell.significant else "dim")
+            cells.append(text)
+        table.add_row(_title(row), *cells)
+    return table
+
+
+def _h2h_table(comparison: Comparison) -> Table:
+    table = Table(title="head-to-head judge (run vs baseline, both orders)", header_style="bold", title_justify="left")
+    for name in ("run", "set", "pairs", "win", "tie", "loss", "excluded"):
+        table.add_column(name, justify="left" if name in ("run", "set") else "right")
+    for h in comparison.head_to_head:
+        table.add_row(
+            escape(f"{h.run} vs {h.baseline}"),
+            escape(f"{h.set} ({h.mode})"),
+            str(h.pairs),
+            f"{h.wins:.1%}",
+            f"{h.ties:.1%}",
+            f"{h.losses:.1%}",
+            str(h.excluded),
+        )
+    return table
+
+
+def _notes(comparison: Comparison) -> list[str]:
+    notes = list(comparison.notes)
+    for s in comparison.evaluation:
+        notes.extend(s.notes)
+        notes.extend(
+            f"{label}: {MISSING} on {s.set} ({s.mode}), not evaluated there. Fill it with: {hint}"
+            for label, hint in s.missing.items()
+        )
+    return notes
+
+
+def print_table(comparison: Comparison, console: Console) -> None:
+    console.print(rich_view(comparison))
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    aligned = ["---"] + ["--:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |", "| " + " | ".join(aligned) + " |"]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _bold(text: str, bold: bool) -> str:
+    return f"**{text}**" if bold else text
+
+
+def to_markdown(comparison: Comparison) -> str:
+    runs = comparison.runs
+    out = [f"## kd compare (baseline: {comparison.baseline})", ""]
+    if comparison.setup:
+        out += ["### Setup (recipe keys that differ)", ""]
+        setup = [[f"`{r.key}`", *[_text(r.values[x]) for x in runs]] for r in comparison.setup]
+        out.append(_md_table(["key", *runs], setup))
+    else:
+        out.append("The recipes are identical (name and output_dir aside).")
+    out += ["", "### Training", ""]
+    rows = [[_title(r), *[_bold(_number(r.values.get(x)), x in r.best) for x in runs]] for r in comparison.training]
+    out.append(_md_table(["", *runs], rows))
+    for s in comparison.evaluation:
+        out += ["", f"### {_set_title(s).removeprefix('eval · ')}", ""]
+        rows = []
+        for row in s.rows:
+            cells = []
+            for label in runs:
+                cell = row.cells.get(label)
+                if cell is None:
+                    cells.append(MISSING)
+                    continue
+                text = _mean_text(cell, row.format)
+                text = _bold(text, cell.best)
+                delta = _delta_text(cell, row.format)
+                # A bare "*" would start emphasis in Markdown.
+                cells.append(f"{text} ({delta.replace('*', chr(92) + '*')})" if delta else text)
+            rows.append([_title(row), *cells])
+        header = ["metric", *[x + (" (baseline)" if x == comparison.baseline else "") for x in runs]]
+        out.append(_md_table(header, rows))
+    if comparison.head_to_head:
+        out += ["", "### Head-to-head judge", ""]
+        out.append(
+            _md_table(
+                ["run", "set", "pairs", "win", "tie", "loss", "excluded"],
+                [
+                    [f"{h.run} vs {h.baseline}", f"{h.set} ({h.mode})", str(h.pairs), f"{h.wins:.1%}",
+                     f"{h.ties:.1%}", f"{h.losses:.1%}", str(h.excluded)]
+                    for h in comparison.head_to_head
+                ],
+            )
+        )
+    notes = _notes(comparison)
+    if notes:
+        out += ["", *[f"- {note}" for note in notes]]
+    out += ["", f"_{legend(comparison).replace('*', chr(92) + '*')}; best in bold._", ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ json, csv
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(comparison: Comparison) -> str:
+    data = comparison.as_dict()
+    data["legend"] = legend(comparison)
+    data["all_notes"] = _notes(comparison)
+    return json.dumps(_clean(data), indent=2, ensure_ascii=False) + "\n"
+
+
+CSV_COLUMNS = (
+    "section", "set", "mode", "key", "direction", "run", "value", "ci95", "seeds", "delta", "p_value",
+    "significant", "best",
+)  # fmt: skip
+
+
+def to_csv(comparison: Comparison) -> str:
+    """One long table: a row per (section, set, key, run); empty cells where a column does not apply."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in comparison.setup:
+        for label in comparison.runs:
+            writer.writerow({"section": "setup", "key": row.key, "run": label, "value": row.values[label] or ""})
+    for vrow in comparison.training:
+        for label in comparison.runs:
+            writer.writerow(
+                {
+                    "section": "training",
+                    "key": vrow.key,
+                    "direction": vrow.direction,
+                    "run": label,
+                    "value": _csv_number(vrow.values.get(label)),
+                    "best": label in vrow.best,
+                }
+            )
+    for s in comparison.evaluation:
+        for mrow in s.rows:
+            for label in comparison.runs:
+                cell = mrow.cells.get(label)
+                base = {"section": "evaluation", "set": s.set, "mode": s.mode, "key": mrow.metric, "run": label}
+                base["direction"] = mrow.direction
+                if cell is not None:
+                    base.update(
+                        value=_csv_number(cell.mean),
+                        ci95=_csv_number(cell.ci95),
+                        seeds=cell.seeds,
+                        delta=_csv_number(cell.delta),
+                        p_value=_csv_number(cell.p_value),
+                        significant="" if cell.significant is None else cell.significant,
+                        best=cell.best,
+                    )
+                writer.writerow(base)
+    for h in comparison.head_to_head:
+        for key in ("wins", "ties", "losses", "pairs", "excluded"):
+            writer.writerow(
+                {"section": "head_to_head", "set": h.set, "mode": h.mode, "key": key, "run": h.run,
+                 "value": getattr(h, key)}
+            )  # fmt: skip
+    return buffer.getvalue()
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+
+
+def render_text(comparison: Comparison, fmt: str) -> str:
+    """The comparison as Markdown, JSON or CSV text."""
+    if fmt not in FORMATS or fmt == "table":
+        raise ValueError(f"not a text format: {fmt}")
+    return {"markdown": to_markdown, "json": to_json, "csv": to_csv}[fmt](comparison)

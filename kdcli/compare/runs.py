@@ -1,0 +1,143 @@
+"""Reading what `kd distill` and `kd eval` left in a run folder, with every defect reported as a `KdError`
+naming the file and the fix.
+
+    <run>/recipe.yaml, run.json, metrics.jsonl     written by kd distill
+    <run>/eval/results.json                        written by kd eval (its default eval folder)
+    <run>/eval/<set>/<pass>.jsonl                  per-example generations: the bootstrap pairs these
+    <run>/eval/<set>/judge-<pass>.jsonl            per-example judge scores
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcli.errors import KdError
+from kdcli.evaluation.results import read_json
+from kdcli.recipe.load import read_yaml
+from kdcli.runs import METRICS_FILE, RECIPE_FILE, RUN_FILE
+
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class RunData:
+    label: str  # the column title: the folder name, or its path when two runs share a name
+    path: Path
+    recipe: dict[str, Any]
+    run: dict[str, Any]
+    steps: list[dict[str, Any]]  # training lines of metrics.jsonl
+    evals: list[dict[str, Any]]  # eval lines of metrics.jsonl
+    results: dict[str, Any] | None  # eval/results.json, None before any kd eval
+    _passes: dict[tuple[str, str], list[dict[str, Any]] | None] = field(default_factory=dict, repr=False)
+    _judged: dict[tuple[str, str], dict[int, tuple[float, float]] | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL_DIR
+
+    def sets(self) -> dict[str, dict[str, Any]]:
+        """{set name: {mode: entry}} from results.json."""
+        return (self.results or {}).get("sets", {}) or {}
+
+    def pass_rows(self, set_name: str, label: str) -> list[dict[str, Any]] | None:
+        """The per-example generations of one pass, or None when the file is gone."""
+        key = (set_name, label)
+        if key not in self._passes:
+            path = self.eval_dir / set_name / f"{label}.jsonl"
+            self._passes[key] = _read_jsonl(path, _REGENERATE) if path.is_file() else None
+        return self._passes[key]
+
+    def judge_scores(self, set_name: str, label: str) -> dict[int, tuple[float, float]] | None:
+        """index → (model score, reference score) for the examples the judge scored in both orders."""
+        key = (set_name, label)
+        if key not in self._judged:
+            path = self.eval_dir / set_name / f"judge-{label}.jsonl"
+            scores: dict[int, tuple[float, float]] | None = None
+            if path.is_file():
+                scores = {}
+                for row in _read_jsonl(path, _REGENERATE):
+                    model, reference = row.get("model_score"), row.get("reference_score")
+                    if model is not None and reference is not None:
+                        scores[int(row["index"])] = (float(model), float(reference))
+            self._judged[key] = scores
+        return self._judged[key]
+
+
+_REGENERATE = "Re-run kd eval on this run with --force to regenerate it."
+
+
+def load_runs(paths: list[Path]) -> list[RunData]:
+    runs = [load_run(path) for path in paths]
+    names = [run.path.name for run in runs]
+    for run in runs:
+        if names.count(run.path.name) > 1:
+            run.label = str(run.path)
+    labels = [run.label for run in runs]
+    dupes = sorted({label for label in labels if labels.count(label) > 1})
+    if dupes:
+        raise KdError(f"{dupes[0]}: given twice. Name each run once (use --baseline to pick the reference).")
+    return runs
+
+
+def load_run(path: Path) -> RunData:
+    path = Path(path)
+    if not path.exists():
+        raise KdError(f"{path}: no such folder. Give a run folder written by kd distill (<output_dir>/<name>).")
+    if not path.is_dir():
+        raise KdError(f"{path}: is a file, not a run folder. Give the folder kd distill wrote (<output_dir>/<name>).")
+    run_file = path / RUN_FILE
+    if not run_file.is_file():
+        has_recipe = (path / RECIPE_FILE).is_file()
+        why = "the run did not finish (it has a recipe.yaml)." if has_recipe else "is this a kd run folder?"
+        raise KdError(f"{path}: no {RUN_FILE} — {why} Run kd distill first.")
+    run = _read_object(run_file, "The run did not finish writing it: re-run kd distill --overwrite.")
+    recipe_file = path / RECIPE_FILE
+    if not recipe_file.is_file():
+        raise KdError(f"{recipe_file}: missing. kd distill writes it with run.json; restore it or re-run the run.")
+    recipe = read_yaml(recipe_file)  # raw, not validated: a recipe from an older kd still compares
+    lines = _read_jsonl(path / METRICS_FILE, "Restore it or re-run kd distill.", torn_tail_ok=True)
+    steps = [line for line in lines if "loss" in line]
+    evals = [line for line in lines if "eval_loss" in line]
+    results_file = path / EVAL_DIR / RESULTS_FILE
+    results = None
+    if results_file.is_file():
+        results = _read_object(results_file, "Delete it: kd eval rebuilds it from the generations, which it reuses.")
+        if not isinstance(results.get("sets", {}), dict):
+            raise KdError(f"{results_file}: 'sets' is not an object. Delete it and re-run kd eval on this run.")
+    return RunData(path.name, path, recipe, run, steps, evals, results)
+
+
+def _read_object(path: Path, fix: str) -> dict[str, Any]:
+    data = read_json(path, fix)
+    assert data is not None  # callers check that the file exists
+    return data
+
+
+def _read_jsonl(path: Path, fix: str, *, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
+    """JSON lines; with `torn_tail_ok` a broken last line (a run killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise KdError(f"{path}: not UTF-8 text ({_first_line(err)}). {fix}") from None
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if torn_tail_ok and number == len(lines):
+                break
+            raise KdError(f"{path}: line {number} is not valid JSON ({_first_line(err)}). {fix}") from None
+        if not isinstance(row, dict):
+            raise KdError(f"{path}: line {number} is not a JSON object. {fix}")
+        rows.append(row)
+    return rows
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
