@@ -14,7 +14,8 @@ Memory, honestly:
   figures. Where clear_refs is not allowed, ru_maxrss is used (inputs are built without temporaries, so the
   baseline is still exact).
 - CUDA: torch.cuda.max_memory_allocated − memory_allocated after inputs, same single fwd + bwd, gradient included.
-Time: the median of --repeats fwd + bwd runs after that first (warm-up) one; CUDA times use CUDA events.
+Time: the median of --repeats fwd + bwd runs after a warm-up. On CPU, naive and kd alternate in one process so that
+other load on a shared machine slows both alike; CUDA times use CUDA events.
 """
 
 from __future__ import annotations
@@ -156,68 +157,82 @@ def _reset_peak_rss() -> bool:
 
 
 def cpu_worker(args: argparse.Namespace) -> None:
-    """One case in this (fresh) process; prints one JSON line."""
+    """One case in this (fresh) process; prints one JSON line.
+
+    `--impl naive` or `--impl kd`: peak extra memory and the value of one fwd + bwd (peak RSS is per process, so
+    each implementation gets its own). `--impl pair`: timings only, naive and kd alternating in one process, so a
+    neighbour's load slows both alike and the ratio stays fair on a shared machine.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     s, t, y = make_inputs(args.bt, args.vocab, DTYPES[args.dtype], "cpu")
+    if args.impl == "pair":
+        fns = {impl: build(args.div, impl, args.chunk_size) for impl in ("naive", "kd")}
+        times: dict[str, list[float]] = {impl: [] for impl in fns}
+        for repeat in range(args.repeats + 1):  # the first round warms up both
+            for impl, fn in fns.items():
+                s.grad = None
+                t0 = time.perf_counter()
+                fn(s, t, y).backward()
+                if repeat:
+                    times[impl].append(time.perf_counter() - t0)
+        print(json.dumps({impl: 1e3 * statistics.median(ts) for impl, ts in times.items()}), flush=True)
+        return
     fn = build(args.div, args.impl, args.chunk_size)
     base_kb = _status_kb("VmRSS")
     if _reset_peak_rss():
         peak_of = lambda: _status_kb("VmHWM")  # noqa: E731
     else:  # ru_maxrss is a high-water mark since process start; make_inputs leaves no transient above base
         peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-    t0 = time.perf_counter()
     loss = fn(s, t, y)
     loss.backward()
-    first = time.perf_counter() - t0
     peak_kb = peak_of()
-    value = float(loss.detach())
-    times = []
-    for _ in range(args.repeats):
-        s.grad = None
-        t0 = time.perf_counter()
-        fn(s, t, y).backward()
-        times.append(time.perf_counter() - t0)
     out = {
         "div": args.div,
         "impl": args.impl,
         "dtype": args.dtype,
-        "ms": 1e3 * statistics.median(times) if times else 1e3 * first,
         "peak_extra_mb": (peak_kb - base_kb) / 1024,
-        "loss": value,
+        "loss": float(loss.detach()),
     }
     print(json.dumps(out), flush=True)
+
+
+def _worker(args: argparse.Namespace, name: str, impl: str, dtype: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--div", name,
+        "--impl", impl,
+        "--dtype", dtype,
+        "--bt", str(args.bt),
+        "--vocab", str(args.vocab),
+        "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(f"worker failed: {name} {impl} {dtype}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_cpu(args: argparse.Namespace, names: list[str], dtypes: list[str]) -> list[dict]:
     results = []
     for dtype in dtypes:
         for name in names:
-            for impl in ("naive", "kd"):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    "--div", name,
-                    "--impl", impl,
-                    "--dtype", dtype,
-                    "--bt", str(args.bt),
-                    "--vocab", str(args.vocab),
-                    "--repeats", str(args.repeats),
-                ]  # fmt: skip
-                if args.chunk_size:
-                    cmd += ["--chunk-size", str(args.chunk_size)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                load_before = os.getloadavg()[0]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    print(proc.stderr, file=sys.stderr)
-                    raise SystemExit(f"worker failed: {name} {impl} {dtype}")
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
-                # Other processes on the machine inflate CPU timings badly (OpenMP threads spin on busy cores).
-                res["load"] = max(load_before, os.getloadavg()[0])
+            load_before = os.getloadavg()[0]
+            cases = {impl: _worker(args, name, impl, dtype) for impl in ("naive", "kd")}
+            timings = _worker(args, name, "pair", dtype)
+            # Other processes on the machine inflate CPU timings (OpenMP threads spin on busy cores); the load is
+            # recorded so a reader can tell a quiet run from a busy one.
+            load = max(load_before, os.getloadavg()[0])
+            for impl, res in cases.items():
+                res.update(ms=timings[impl], load=load)
                 results.append(res)
                 _progress(res)
     return results
@@ -432,7 +447,9 @@ def main() -> None:
                 if args.device == "cpu"
                 else "CUDA figures are torch.cuda.max_memory_allocated."
             )
-            + f" Time: median of {args.repeats} runs after a warm-up. rel. diff = |kd − naive| / naive loss value."
+            + f" Time: median of {args.repeats} runs after a warm-up"
+            + (", naive and kd alternating in one process." if args.device == "cpu" else ".")
+            + " rel. diff = |kd − naive| / naive loss value."
             + load_note
             + (
                 " kd+compile = `get_loss(name).compile(dynamic=True)`: the per-chunk functions under torch.compile "

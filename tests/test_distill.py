@@ -205,3 +205,28 @@ def test_real_builtin_teacher_distills_one_step(
 
     config = AutoConfig.from_pretrained(tmp_path / "runs" / "quickstart-fkl" / "student")
     assert config.num_hidden_layers == 15 and config.vocab_size == 49152
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "akl", "atkd", "skl", "srkl", "js", "tvd"])
+def test_quickstart_recipe_runs_with_every_divergence(tmp_path: Path, tiny_teacher: Path, divergence: str) -> None:
+    """`kd distill recipes/quickstart.yaml --set loss.divergence=X`, with a tiny teacher standing in for SmolLM2."""
+    repo = Path(__file__).resolve().parent.parent
+    overrides = [
+        f"loss.divergence={divergence}",
+        f"teacher.model={tiny_teacher}",
+        "train.max_steps=2",
+        "train.precision=fp32",
+        "data.max_train_examples=16",
+        "data.max_eval_examples=8",
+        "data.max_length=64",
+        f"output_dir={tmp_path / 'runs'}",
+    ]
+    args = ["distill", str(repo / "recipes" / "quickstart.yaml")]
+    for item in overrides:
+        args += ["--set", item]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "runs" / f"quickstart-{divergence}" / "run.json").read_text())
+    assert run["divergence"] == divergence and run["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(run["final"][key])) for key in ("loss", "kd", "ce"))
+    assert run["eval_after"]["eval_kd"] >= 0.0
