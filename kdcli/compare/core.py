@@ -326,9 +326,11 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
                 f"(of up to {biggest})."
             )
         judged = [run.judge_scores(set_name, label) for run in have]
-        judge_keys = [] if any(j is None for j in judged) else [
-            k for k in keys if all(k[0] in j for j in judged if j is not None)
-        ]
+        judge_keys = (
+            []
+            if any(j is None for j in judged)
+            else [k for k in keys if all(k[0] in j for j in judged if j is not None)]
+        )
         for run, scores in zip(have, judged, strict=True):
             picked = [rows[run.label][label][k] for k in keys]
             responses = [str(row.get("response", "")) for row in picked]

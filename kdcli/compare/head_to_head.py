@@ -26,9 +26,7 @@ from kdcli.evaluation.results import JUDGE_CACHE_FILE
 JUDGES = ("gpt4",)
 
 
-def judge_client(
-    judge: str, settings: JudgeSettings, baseline: RunData, api_key: str | None = None
-) -> JudgeClient:
+def judge_client(judge: str, settings: JudgeSettings, baseline: RunData, api_key: str | None = None) -> JudgeClient:
     """The client, or a `KdError` before anything is sent (unknown judge, missing key, broken prompt)."""
     if judge not in JUDGES:
         raise KdError(f"--judge: unknown judge '{judge}'. Choose one of: {', '.join(JUDGES)}.")

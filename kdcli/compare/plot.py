@@ -43,9 +43,7 @@ def write_plot(comparison: Comparison, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     runs = comparison.runs
-    diagnostics = sorted(
-        {key for curves in comparison.curves.values() for key in curves if key not in _TRAINER_CURVES}
-    )
+    diagnostics = sorted({key for curves in comparison.curves.values() for key in curves if key not in _TRAINER_CURVES})
     metric_panels = [(s, row) for s in comparison.evaluation for row in s.rows]
     panels = 1 + len(diagnostics) + len(metric_panels)
     columns = min(3, panels)

@@ -253,8 +253,15 @@ def to_markdown(comparison: Comparison) -> str:
             _md_table(
                 ["run", "set", "pairs", "win", "tie", "loss", "excluded"],
                 [
-                    [f"{h.run} vs {h.baseline}", f"{h.set} ({h.mode})", str(h.pairs), f"{h.wins:.1%}",
-                     f"{h.ties:.1%}", f"{h.losses:.1%}", str(h.excluded)]
+                    [
+                        f"{h.run} vs {h.baseline}",
+                        f"{h.set} ({h.mode})",
+                        str(h.pairs),
+                        f"{h.wins:.1%}",
+                        f"{h.ties:.1%}",
+                        f"{h.losses:.1%}",
+                        str(h.excluded),
+                    ]
                     for h in comparison.head_to_head
                 ],
             )

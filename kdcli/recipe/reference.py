@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -21,6 +21,10 @@ def reference_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tu
             rows.extend(reference_rows(annotation, prefix=f"{key}."))
             continue
         rows.append((key, _default(field), field.description or ""))
+        # An optional section (`deepspeed: null` unless given) still lists its keys, with their defaults once set.
+        sections = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if len(sections) == 1:
+            rows.extend(reference_rows(sections[0], prefix=f"{key}."))
     return rows
 
 

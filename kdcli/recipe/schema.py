@@ -24,6 +24,13 @@ class TeacherConfig(Section):
         BUILTIN_MODEL,
         description="Hugging Face id, local folder, or `builtin:smollm2-135m-instruct`.",
     )
+    cache: str | None = Field(
+        None,
+        description=(
+            "Folder written by `kd cache-teacher`: `kd distill` streams the teacher's top-K from it and never runs "
+            "the teacher (see `docs/cache.md`)."
+        ),
+    )
 
 
 class StudentConfig(Section):
@@ -101,6 +108,13 @@ class DataConfig(Section):
     max_length: int = Field(256, ge=8, le=131072, description="Tokens per example, prompt plus response.")
     max_train_examples: int | None = Field(None, ge=1, description="Use only the first N training examples.")
     max_eval_examples: int | None = Field(None, ge=1, description="Use only the first N eval examples.")
+    responses: Literal["dataset", "teacher"] = Field(
+        "dataset",
+        description=(
+            "`dataset`: train on the data's responses. `teacher`: `kd cache-teacher` generates them with the teacher "
+            "(sequence-level KD, settings in `generation`); the data then needs prompts only."
+        ),
+    )
 
     @field_validator("template")
     @classmethod
@@ -146,6 +160,66 @@ class TrainConfig(Section):
     )
     eval_batch_size: int = Field(8, ge=1, description="Examples per eval batch.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Examples per optimizer step over all processes. When set, kd checks it equals "
+            "`batch_size` x `grad_accum` x world size before launch."
+        ),
+    )
+    save_every: int | None = Field(
+        None, ge=1, description="Write a resumable checkpoint (model, optimizer, RNG, data position) every N steps."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints in `checkpoints/`.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 (plain DDP), 1, 2 or 3 (shard the weights too).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_param: bool = Field(False, description="Keep weights in CPU memory (ZeRO-3 only).")
+    bf16: bool | None = Field(None, description="bf16 weights and compute; default: follows `train.precision`.")
+    gradient_clipping: float | None = Field(
+        None, gt=0, description="Gradient clipping norm; default: `train.max_grad_norm`."
+    )
+    config: str | None = Field(
+        None,
+        description=(
+            "Path to a raw DeepSpeed JSON config for everything else; keys kd sets must agree with it. "
+            "Relative to the working directory, like `data.train`."
+        ),
+    )
+    teacher_zero3: bool = Field(
+        False,
+        description="Shard the teacher over the processes with ZeRO-3 inference, for teachers too big for one device.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_param_needs_zero3(self) -> DeepSpeedConfig:
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("`offload_param: true` needs `zero_stage: 3`")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("`offload_optimizer: true` needs `zero_stage` 1, 2 or 3")
+        return self
+
+
+class CacheConfig(Section):
+    top_k: int = Field(64, ge=1, description="`kd cache-teacher`: teacher log-probs kept per position.")
+    logprob_dtype: Literal["fp16", "bf16"] = Field("fp16", description="Storage dtype of the top-K log-probs.")
+    shard_tokens: int = Field(
+        262144, ge=1, description="Tokens per cache shard (the unit of resume and of the integrity check)."
+    )
+    batch_size: int = Field(8, ge=1, description="Examples per teacher forward while caching.")
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(256, ge=1, description="`data.responses: teacher`: tokens generated at most.")
+    do_sample: bool = Field(True, description="Sample (true) or decode greedily (false).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass; 1 disables it.")
+    top_k: int = Field(0, ge=0, description="Sample from the K likeliest tokens; 0 disables it.")
+    seed: int = Field(0, ge=0, description="Sampling seed (each batch is reseeded from it, so resume is exact).")
+    batch_size: int = Field(8, ge=1, description="Prompts generated together.")
 
 
 NAME_PLACEHOLDERS = ("divergence", "seed")
@@ -166,6 +240,11 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    deepspeed: DeepSpeedConfig | None = Field(
+        None, description="Train on DeepSpeed ZeRO (see `docs/scale-out.md`); absent: plain PyTorch."
+    )
 
     @model_validator(mode="after")
     def _resolve_name(self) -> Recipe:

@@ -1,0 +1,37 @@
+"""The teacher cache: run the teacher once (`kd cache-teacher`), then train from its stored top-K (`teacher.cache`).
+
+    manifest = write_cache(recipe, Path("caches/quickstart"))           # resumable; returns the manifest
+    verify_cache(Path("caches/quickstart"))                            # sha256 of every shard, or a KdError
+    parts = prepare_cached(recipe, print)                              # what `kd distill` uses
+
+The format is described in `kdcli.cache.format` and `docs/cache.md`. Heavy imports (torch) happen only in the
+submodules, so importing this package for its names is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdcli.cache.reader import CacheCollator, CachedSplit, CachedTeacher, verify_cache
+    from kdcli.cache.training import prepare_cached
+    from kdcli.cache.writer import write_cache
+
+__all__ = ["CacheCollator", "CachedSplit", "CachedTeacher", "prepare_cached", "verify_cache", "write_cache"]
+
+_WHERE = {
+    "CacheCollator": "reader",
+    "CachedSplit": "reader",
+    "CachedTeacher": "reader",
+    "verify_cache": "reader",
+    "prepare_cached": "training",
+    "write_cache": "writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"kdcli.cache.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'kdcli.cache' has no attribute {name!r}")

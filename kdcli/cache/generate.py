@@ -1,0 +1,73 @@
+"""Sequence-level KD (`data.responses: teacher`): the teacher writes the responses the student is trained on.
+
+Generation reuses `kd eval`'s batched, seeded, resumable pass (`kdcli.evaluation.generate`): every batch is reseeded
+from (generation.seed, batch index) and finished batches survive an interruption, so a resumed cache gets the same
+responses as an uninterrupted one. The data needs prompts only; a response column, if any, is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdcli.data import build_examples
+from kdcli.data.formatting import Examples, Split, prompt_and_reference
+from kdcli.evaluation.generate import GenerationSettings, generate_pass, read_pass
+from kdcli.evaluation.sets import EvalItem
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from kdcli.recipe import Recipe
+
+# The column the generated response is put in: a name no dataset uses, so it never collides with a real column.
+RESPONSE_COLUMN = "__kd_teacher_response__"
+
+
+def teacher_examples(
+    recipe: Recipe,
+    split: Split,
+    rows: Sequence[Mapping[str, Any]],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    on_progress: Callable[[int, int, float], None] | None = None,
+) -> Examples:
+    """Generate (or reuse from `path`) a response for each selected row, then tokenize prompt + response."""
+    limit = recipe.data.max_train_examples if split == "train" else recipe.data.max_eval_examples
+    # Every row with a prompt is used, so the first `limit` rows are exactly the ones selected.
+    rows = [{**row, RESPONSE_COLUMN: "-"} for row in (rows[:limit] if limit else rows)]
+    data = recipe.data.model_copy(
+        update={
+            "fields": recipe.data.fields.model_copy(update={"response": RESPONSE_COLUMN}),
+            "max_train_examples": None,
+            "max_eval_examples": None,
+        }
+    )
+    key = f"data.{split}"
+    pairs = prompt_and_reference(rows, tokenizer, data, split, key)
+    gen = recipe.generation
+    settings = GenerationSettings(
+        max_new_tokens=gen.max_new_tokens,
+        greedy=not gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        precision=recipe.train.precision,
+    )
+    if not path.is_file():  # a finished pass is only ever written whole (atomic rename)
+        items = [EvalItem(instruction=prompt, prompt=prompt, references=("",)) for prompt, _ in pairs]
+        generate_pass(
+            model,
+            tokenizer,
+            items,
+            settings,
+            gen.seed if gen.do_sample else None,
+            path,
+            batch_size=gen.batch_size,
+            on_progress=on_progress,
+        )
+    responses = [row["response"] for row in read_pass(path)]
+    generated = [{**row, RESPONSE_COLUMN: text} for row, text in zip(rows, responses, strict=True)]
+    return build_examples(generated, tokenizer, data, split, key)

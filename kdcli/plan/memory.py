@@ -1,0 +1,365 @@
+"""The memory formulas of `kd plan`: pure arithmetic on model shapes and recipe settings (see `docs/plan.md`).
+
+Everything is bytes per rank. The plan is a deliberate upper bound: every component is counted as alive at the
+same time, although e.g. parameter gradients only grow while activations are freed during backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kdcli.plan.configs import ModelShape
+
+Device = Literal["cpu", "cuda"]
+
+# kd's chunked losses (kdcli/losses/_chunked.py): rows per chunk = budget // (V · 4 B · dense_work), so one chunk's
+# working set is at most the budget. Duplicated here (not imported) so that planning does not import torch.
+CHUNK_BUDGET = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
+DENSE_WORK = {"tvd": 7, "skl": 9, "srkl": 9}  # [rows, V] fp32 buffers per chunk; 8 for every other divergence
+SPARSE_WORK = 4
+
+# The naive dense implementations of bench/losses.py keep this many fp32 [B·T, V] tensors alive at their peak
+# besides the logit gradient: fkl/rkl/tvd log-softmaxes of both sides, p, the difference and the product; the
+# skewed/JS ones a mixture and its log on top; AKL a full sort (values + int64 indices) and masks; ATKD p̂ and
+# gathers. Measured: docs/benchmarks.md "Losses (CUDA)", (naive MB − bf16 gradient) / (4 · B·T·V) rounded up.
+NAIVE_WORK = {"fkl": 5, "rkl": 5, "tvd": 5, "skl": 8, "srkl": 8, "js": 8, "akl": 11, "atkd": 7}
+NAIVE_WORK_DEFAULT = 8
+
+# Activations saved for backward per token and per decoder layer, in bytes, as c_h·h + c_i·i + c_kv·(g·d) for a
+# Llama-style layer with SDPA attention (no s² score matrix) and no dropout; measured with saved-tensor hooks on
+# HF Llama (tests/test_plan.py re-checks them). "autocast": fp32 weights under bf16 autocast (kd's plain engine:
+# the residual stream and norms stay fp32, matmul inputs/outputs are bf16); "fp32": everything fp32; "bf16":
+# bf16 weights (DeepSpeed bf16), taken as half the fp32 figure.
+ACT_COEF = {"autocast": (32, 8, 2), "fp32": (32, 16, 8), "bf16": (16, 8, 4)}
+# Outside the layers, per token: embedding output and final norm input/output (fp32 for autocast/fp32).
+ACT_OUTSIDE = {"autocast": 12, "fp32": 12, "bf16": 6}
+
+CACHE_TOKEN_OVERHEAD = 10  # label log-prob, tail mass and row bookkeeping per cached position, bytes
+DEFAULT_CACHE_K = 64
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the two model shapes that the plan depends on (read from the recipe and CLI)."""
+
+    batch_size: int
+    seq_len: int
+    precision: Literal["bf16", "fp32"] = "bf16"
+    divergence: str = "fkl"
+    kd_ratio: float = 0.5
+    chunk_size: int | None = None
+    grad_accum: int = 1
+    world_size: int = 1
+    device: Device = "cpu"
+    device_memory: int | None = None  # bytes per rank; None = do not judge fit
+    deepspeed: bool = False  # the recipe has a `deepspeed:` section
+    zero_stage: int | None = None  # the recipe's stage, marked in the table
+    ds_bf16: bool = True
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    teacher_zero3: bool = False
+    cache_k: int | None = None  # top-K of a teacher cache; None = the teacher runs online
+    activation_checkpointing: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class States:
+    """Student model states of one rank: on the device, and what offloading moved to host memory."""
+
+    params: int
+    grads: int
+    optimizer: int
+    host: int = 0
+
+    @property
+    def device(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def plain_states(psi: int, precision: str) -> States:
+    """kd's own single-process engine: fp32 master weights, fp32 gradients, AdamW m and v (fp32).
+
+    Under bf16 autocast every op casts its fp32 weight to bf16 and keeps that copy for backward: 2 B/param more.
+    (The foreach AdamW step also allocates a 4 B/param temporary, but only when activations are already freed.)
+    """
+    params = 4 * psi + (2 * psi if precision == "bf16" else 0)
+    return States(params=params, grads=4 * psi, optimizer=8 * psi)
+
+
+def zero_states(
+    psi: int,
+    stage: int,
+    world: int,
+    *,
+    bf16: bool = True,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+    largest_layer: int = 0,
+) -> States:
+    """DeepSpeed ZeRO model states per rank (the ZeRO paper's (2 + 2 + K)·Ψ with K = 12, plus DeepSpeed's fp32
+    gradient partition).
+
+    bf16: 16-bit weights 2Ψ, 16-bit gradients 2Ψ, fp32 master weights 4Ψ, Adam m and v 8Ψ, fp32 gradients for the
+    optimizer 4Ψ (stage 0's BF16_Optimizer and stages 1-3 keep them; DeepSpeed's estimators count these in their
+    16Ψ/N). fp32: weights 4Ψ (they are the master copy), gradients 4Ψ, Adam 8Ψ.
+    Stage 1 shards the optimizer part over the N ranks, stage 2 also the 16-bit gradients, stage 3 also the
+    weights, and then gathers one module at a time (its weights and gradients: 2·(2 or 4)·largest_layer).
+    offload_optimizer (stages 1-3) moves the optimizer part to host memory; offload_param (stage 3) the weights.
+    """
+    if not 0 <= stage <= 3:
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    if world < 1:
+        raise ValueError(f"world size must be ≥ 1, got {world}")
+    p_bytes, g_bytes, opt_bytes = (2, 2, 4 + 8 + 4) if bf16 else (4, 4, 8)
+    params = _shard(p_bytes * psi, world if stage >= 3 else 1)
+    grads = _shard(g_bytes * psi, world if stage >= 2 else 1)
+    optimizer = _shard(opt_bytes * psi, world if stage >= 1 else 1)
+    gathered_p = gathered_g = 0
+    if stage == 3:
+        gathered_p, gathered_g = p_bytes * largest_layer, g_bytes * largest_layer
+    host = 0
+    if offload_optimizer and stage >= 1:
+        host += optimizer
+        optimizer = 0
+    if offload_param and stage == 3:
+        host += params
+        params = 0
+    return States(params=params + gathered_p, grads=grads + gathered_g, optimizer=optimizer, host=host)
+
+
+def _shard(nbytes: int, world: int) -> int:
+    return math.ceil(nbytes / world)
+
+
+def deepspeed_estimate(psi: int, stage: int, world: int, largest_layer: int = 0) -> int:
+    """DeepSpeed's own device estimate without offload (`estimate_zero2_model_states_mem_needs`: 4Ψ + 16Ψ/N;
+    `estimate_zero3_model_states_mem_needs`: 4·L + 18Ψ/N), for comparison in tests and docs."""
+    if stage == 3:
+        return 4 * largest_layer + int(18 * psi / world)
+    return 4 * psi + int(16 * psi / world)
+
+
+def student_activations(shape: ModelShape, tokens: int, mode: str, checkpointing: bool = False) -> int:
+    """Saved activations of one micro-batch (tokens = B·T): L·tokens·(c_h·h + c_i·i + c_kv·g·d) + outside layers.
+
+    With activation checkpointing only each layer's input (the residual stream) is kept, plus one layer's full
+    set during its recomputation.
+    """
+    c_h, c_i, c_kv = ACT_COEF[mode]
+    per_layer = tokens * (c_h * shape.hidden + c_i * shape.intermediate + c_kv * shape.kv_dim)
+    outside = tokens * ACT_OUTSIDE[mode] * shape.hidden
+    if checkpointing:
+        residual = 2 if mode == "bf16" else 4
+        return shape.layers * tokens * residual * shape.hidden + per_layer + outside
+    return shape.layers * per_layer + outside
+
+
+def teacher_activations(shape: ModelShape, tokens: int, elem: int) -> int:
+    """No grad: only one layer's tensors are alive at once. The MLP is the peak: residual, the normed input (the
+    norm computes in fp32) and gate, up and act(gate) of width i."""
+    return tokens * (elem * (2 * shape.hidden + 3 * shape.intermediate) + 4 * shape.hidden)
+
+
+@dataclass(frozen=True)
+class Logits:
+    """The [B·T, V] tensors of one micro-batch, and the loss workspace naive vs chunked."""
+
+    student: int  # the student's logits (16-bit under bf16)
+    grad: int  # their gradient, same dtype (kd writes it chunk by chunk; autograd would allocate it anyway)
+    teacher: int  # the teacher's dense logits (0 with a cache)
+    ce: int  # cross-entropy: fp32 copy of the logits and its saved log-softmax (both implementations)
+    naive: int  # divergence workspace of a naive dense implementation
+    chunked: int  # divergence workspace of kd's chunked loss: one chunk
+    chunk_rows: int
+
+    @property
+    def common(self) -> int:
+        return self.student + self.grad + self.teacher + self.ce
+
+    @property
+    def total_naive(self) -> int:
+        return self.common + self.naive
+
+    @property
+    def total_chunked(self) -> int:
+        return self.common + self.chunked
+
+
+def chunk_rows(rows: int, vocab: int, divergence: str, device: Device, sparse: bool, chunk_size: int | None) -> int:
+    """As `ChunkedDivergence.chunk_rows` (fp32 compute)."""
+    if chunk_size is not None:
+        return max(1, min(rows, chunk_size))
+    work = SPARSE_WORK if sparse else DENSE_WORK.get(divergence, 8)
+    return max(1, min(rows, CHUNK_BUDGET[device] // (vocab * 4 * work)))
+
+
+def logits_memory(vocab: int, s: Settings) -> Logits:
+    n = s.tokens
+    elem = 2 if s.precision == "bf16" else 4
+    sparse = s.cache_k is not None
+    rows = chunk_rows(n, vocab, s.divergence, s.device, sparse, s.chunk_size)
+    work = SPARSE_WORK if sparse else DENSE_WORK.get(s.divergence, 8)
+    uses_kd = s.kd_ratio > 0
+    return Logits(
+        student=n * vocab * elem,
+        grad=n * vocab * elem,
+        teacher=0 if sparse else n * vocab * elem,
+        ce=8 * n * vocab if s.kd_ratio < 1 else 0,
+        naive=NAIVE_WORK.get(s.divergence, NAIVE_WORK_DEFAULT) * n * vocab * 4 if uses_kd else 0,
+        chunked=rows * vocab * 4 * work if uses_kd else 0,
+        chunk_rows=rows,
+    )
+
+
+def cache_bytes_per_token(k: int) -> int:
+    """A cached position: K ids (2 B, uint16 for V ≤ 65,536) and K log-probs (2 B, 16-bit) plus bookkeeping."""
+    return k * (2 + 2) + CACHE_TOKEN_OVERHEAD
+
+
+@dataclass(frozen=True)
+class Teacher:
+    weights: int
+    activations: int
+    cache_io: int = 0  # bytes read from the cache per optimizer step (per rank), when cached
+    cached: bool = False
+
+    @property
+    def device(self) -> int:
+        return self.weights + self.activations
+
+
+def teacher_memory(shape: ModelShape, s: Settings, *, zero3: bool = False) -> Teacher:
+    if s.cache_k is not None:
+        per_step = s.tokens * s.grad_accum * cache_bytes_per_token(s.cache_k)
+        # The batch's sparse targets in memory: int64 ids and fp32 log-probs once collated.
+        in_memory = s.tokens * (s.cache_k * (8 + 4) + 16)
+        return Teacher(weights=0, activations=in_memory, cache_io=per_step, cached=True)
+    elem = 2 if s.precision == "bf16" else 4
+    weights = shape.params * elem
+    if zero3 and s.world_size > 1:
+        weights = _shard(weights, s.world_size) + elem * shape.largest_layer
+    return Teacher(weights=weights, activations=teacher_activations(shape, s.tokens, elem))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the table: a label, the student's states and the per-rank totals."""
+
+    label: str
+    stage: int | None  # None: kd's plain PyTorch engine
+    states: States
+    activations: int
+    teacher: Teacher
+    logits: Logits
+    chosen: bool = False
+
+    @property
+    def total(self) -> int:
+        """Chunked losses. Teacher and student activations never coexist (the teacher runs first, no grad)."""
+        peak_work = max(self.teacher.activations, self.activations + self.logits.total_chunked)
+        return self.states.device + self.teacher.weights + peak_work
+
+    @property
+    def total_naive(self) -> int:
+        peak_work = max(self.teacher.activations, self.activations + self.logits.total_naive)
+        return self.states.device + self.teacher.weights + peak_work
+
+
+@dataclass(frozen=True)
+class Plan:
+    teacher: ModelShape
+    student: ModelShape
+    settings: Settings
+    rows: list[Row] = field(default_factory=list)
+
+    def fits(self, nbytes: int) -> bool | None:
+        limit = self.settings.device_memory
+        return None if limit is None else nbytes <= limit
+
+
+def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
+    """The plain engine (one process) and ZeRO stages 0-3 at the chosen world size."""
+    logits = logits_memory(min(teacher.vocab, student.vocab), s)
+    rows: list[Row] = []
+    plain_mode = "autocast" if s.precision == "bf16" else "fp32"
+    rows.append(
+        Row(
+            label="kd 1-proc",
+            stage=None,
+            states=plain_states(student.params, s.precision),
+            activations=student_activations(student, s.tokens, plain_mode, s.activation_checkpointing),
+            teacher=teacher_memory(teacher, s),
+            logits=logits,
+            chosen=not s.deepspeed,
+        )
+    )
+    ds_mode = "bf16" if s.ds_bf16 else "fp32"
+    ds_settings = s if s.ds_bf16 == (s.precision == "bf16") else _with_precision(s, "bf16" if s.ds_bf16 else "fp32")
+    ds_logits = logits_memory(min(teacher.vocab, student.vocab), ds_settings)
+    ds_teacher = teacher_memory(teacher, ds_settings, zero3=s.teacher_zero3)
+    for stage in range(4):
+        rows.append(
+            Row(
+                label=f"ZeRO-{stage} ×{s.world_size}",
+                stage=stage,
+                states=zero_states(
+                    student.params,
+                    stage,
+                    s.world_size,
+                    bf16=s.ds_bf16,
+                    offload_optimizer=s.offload_optimizer and stage >= 1,
+                    offload_param=s.offload_param and stage == 3,
+                    largest_layer=student.largest_layer,
+                ),
+                activations=student_activations(student, s.tokens, ds_mode, s.activation_checkpointing),
+                teacher=ds_teacher,
+                logits=ds_logits,
+                chosen=s.deepspeed and s.zero_stage == stage,
+            )
+        )
+    return Plan(teacher=teacher, student=student, settings=s, rows=rows)
+
+
+def _with_precision(s: Settings, precision: Literal["bf16", "fp32"]) -> Settings:
+    from dataclasses import replace
+
+    return replace(s, precision=precision)
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '80 GB', '512MiB', '1.5T', or a plain number of bytes → bytes. GB/MB are decimal, GiB/MiB binary."""
+    units = {
+        "": 1, "b": 1,
+        "k": 2**10, "kib": 2**10, "kb": 10**3,
+        "m": 2**20, "mib": 2**20, "mb": 10**6,
+        "g": 2**30, "gib": 2**30, "gb": 10**9,
+        "t": 2**40, "tib": 2**40, "tb": 10**12,
+    }  # fmt: skip
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a size; write e.g. 80GiB, 24GB or 512MiB") from None
+    if unit not in units or value <= 0 or not math.isfinite(value):
+        raise ValueError(f"'{text}' is not a size; write e.g. 80GiB, 24GB or 512MiB")
+    return int(value * units[unit])
+
+
+def format_bytes(n: int) -> str:
+    """Binary units, three significant digits: 1.23 GiB, 512 MiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    raise AssertionError("unreachable")
