@@ -349,7 +349,10 @@ def eval_(
         ),
     ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", help="auto (bf16 when saved so, or on a GPU), bf16 or fp32.")
+        str,
+        typer.Option(
+            "--precision", help="auto (bf16 where native and saved so, or on a GPU; else fp32), bf16 or fp32."
+        ),
     ] = "auto",
     out: Annotated[
         Path | None,

@@ -148,3 +148,26 @@ def test_one_recipe_per_divergence_differs_only_in_loss(divergence: str) -> None
     other = yaml.safe_load((REPO / "recipes" / f"{divergence}.yaml").read_text())
     assert {k: v for k, v in base.items() if k != "loss"} == {k: v for k, v in other.items() if k != "loss"}
     assert load_recipe(REPO / "recipes" / f"{divergence}.yaml").loss.divergence == divergence
+
+
+def test_precision_auto_follows_native_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` is resolved once, at load time, so the run folder's recipe.yaml records what ran."""
+    import kdcli.hardware as hardware
+    from kdcli.recipe import Recipe
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(hardware, "native_bf16", lambda native=native: native)
+        assert Recipe(name="r").train.precision == expected
+        assert Recipe(name="r", train={"precision": "bf16"}).train.precision == "bf16"
+        assert Recipe(name="r", train={"precision": "fp32"}).train.precision == "fp32"
+
+
+def test_cpu_flags_decide_native_bf16(tmp_path: Path) -> None:
+    from kdcli.hardware import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n", encoding="utf-8")
+    assert NATIVE_BF16_CPU_FLAGS & cpu_flags(info) == {"avx512_bf16"}
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n", encoding="utf-8")
+    assert not NATIVE_BF16_CPU_FLAGS & cpu_flags(info)
+    assert cpu_flags(tmp_path / "missing") == frozenset()

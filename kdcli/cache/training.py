@@ -27,6 +27,9 @@ class CachedParts:
     collate: CacheCollator
 
 
+TAIL_SENSITIVE = ("rkl", "akl")
+
+
 def prepare_cached(recipe: Recipe, on_message: Any) -> CachedParts:
     """Build the student without keeping a teacher, check the cache against the recipe, and open its splits.
 
@@ -40,6 +43,12 @@ def prepare_cached(recipe: Recipe, on_message: Any) -> CachedParts:
     root = Path(recipe.teacher.cache).expanduser()
     manifest = fmt.read_manifest(root, "teacher.cache")
     on_message(f"Training from the teacher cache {root}")
+    if recipe.loss.divergence in TAIL_SENSITIVE and recipe.loss.kd_ratio > 0:
+        # The tail bucket hides the student's spread inside the teacher's tail, which reverse KL weights heavily.
+        on_message(
+            f"Note: {recipe.loss.divergence} from a top-K cache differs from online training while the student is far "
+            "from its teacher (docs/cache.md, 'Which divergences suit a cache')."
+        )
     on_message(f"Building student ({recipe.student.init})")
     student, tokenizer = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed)
 
