@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,6 +39,14 @@ def tiny_recipe(tmp_path: Path, teacher: Path, **sections: dict) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
+
+
+def distill_quickstart(*overrides: str) -> Any:
+    """`kd distill recipes/quickstart.yaml --set ...` through the CLI."""
+    args = ["distill", str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml")]
+    for item in overrides:
+        args += ["--set", item]
+    return runner.invoke(app, args)
 
 
 @pytest.fixture(scope="module")
@@ -185,19 +194,14 @@ def test_real_builtin_teacher_distills_one_step(
 ) -> None:
     """The shipped quickstart recipe, shrunk to one step on a few short examples, on the real SmolLM2 teacher."""
     monkeypatch.setenv("KD_HOME", str(builtin_home))
-    repo = Path(__file__).resolve().parent.parent
-    overrides = [
+    result = distill_quickstart(
         "train.max_steps=1",
         "train.batch_size=2",
         "data.max_train_examples=2",
         "data.max_eval_examples=2",
         "data.max_length=48",
         f"output_dir={tmp_path / 'runs'}",
-    ]
-    args = ["distill", str(repo / "recipes" / "quickstart.yaml")]
-    for item in overrides:
-        args += ["--set", item]
-    result = runner.invoke(app, args)
+    )
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "runs" / "quickstart-fkl" / "run.json").read_text())
     assert run["parameters"]["teacher"] > 100e6 and run["steps"] == 1
@@ -210,8 +214,7 @@ def test_real_builtin_teacher_distills_one_step(
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "akl", "atkd", "skl", "srkl", "js", "tvd"])
 def test_quickstart_recipe_runs_with_every_divergence(tmp_path: Path, tiny_teacher: Path, divergence: str) -> None:
     """`kd distill recipes/quickstart.yaml --set loss.divergence=X`, with a tiny teacher standing in for SmolLM2."""
-    repo = Path(__file__).resolve().parent.parent
-    overrides = [
+    result = distill_quickstart(
         f"loss.divergence={divergence}",
         f"teacher.model={tiny_teacher}",
         "train.max_steps=2",
@@ -220,11 +223,7 @@ def test_quickstart_recipe_runs_with_every_divergence(tmp_path: Path, tiny_teach
         "data.max_eval_examples=8",
         "data.max_length=64",
         f"output_dir={tmp_path / 'runs'}",
-    ]
-    args = ["distill", str(repo / "recipes" / "quickstart.yaml")]
-    for item in overrides:
-        args += ["--set", item]
-    result = runner.invoke(app, args)
+    )
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "runs" / f"quickstart-{divergence}" / "run.json").read_text())
     assert run["divergence"] == divergence and run["steps"] == 2
