@@ -25,9 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdcli.durable import fsync_dir, sha256_file  # noqa: F401  (re-exported for the cache package)
 from kdcli.errors import KdError
-from kdcli.models.builtin import _fsync_dir as fsync_dir  # noqa: F401  (one implementation for the package)
-from kdcli.models.builtin import _sha256_file as sha256_file  # noqa: F401
 
 FORMAT = "kd-teacher-cache"
 VERSION = 1

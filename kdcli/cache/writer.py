@@ -29,8 +29,8 @@ from kdcli.cache.fingerprint import (
 )
 from kdcli.data import Collator, build_examples, load_rows
 from kdcli.data.formatting import Examples
+from kdcli.durable import current_umask
 from kdcli.errors import KdError
-from kdcli.models.builtin import _current_umask
 from kdcli.runs import write_json
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def write_cache(
     """Write (or finish) the cache of `splits` into `out`; return the manifest, whose `stats` hold the summary."""
     import torch
 
-    from kdcli.engine.trainer import _autocast
+    from kdcli.engine.teachers import autocast_for
     from kdcli.models import load_teacher, load_tokenizer
 
     say = on_message or (lambda _: None)
@@ -130,7 +130,7 @@ def write_cache(
         _check_resumable(previous, manifest, out)
         manifest["splits"] = previous.get("splits", {})
 
-    autocast = _autocast(recipe.train.precision)
+    autocast = autocast_for(recipe.train.precision)
     compute_seconds = 0.0  # forward + top-K + writing, without loading: what the writer's overhead is measured on
     collate = Collator.for_tokenizer(tokenizer)
     for split in splits:
@@ -293,7 +293,7 @@ def _write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> 
     # and two identical shards would differ in their sha256.
     payload = save(tensors, metadata={"format": f"{fmt.FORMAT}/{fmt.VERSION}"})
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-    umask = _current_umask()
+    umask = current_umask()
     os.chmod(tmp, 0o666 & ~(0o022 if umask is None else umask))  # mkstemp's 0600 would hide a shared cache
     with os.fdopen(fd, "wb") as handle:
         handle.write(payload)

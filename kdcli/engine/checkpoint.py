@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kdcli.durable import fsync_dir, fsync_tree
 from kdcli.engine.distributed import World, barrier
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,10 +43,10 @@ def save_checkpoint(
     barrier()
     if world.is_main:
         (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": world.world_size}, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_dir(root)
         prune(root, keep)
     barrier()
     return final
@@ -92,18 +93,3 @@ def restore_rng(checkpoint: Path, world: World) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            _fsync(path)
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

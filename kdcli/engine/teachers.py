@@ -48,3 +48,9 @@ class OnlineTeacher:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # Padded output layers may be wider than the vocabulary both tokenizers share.
         return logits[..., : self.width]
+
+
+def autocast_for(precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -39,7 +39,7 @@ from kdcli.engine.distributed import (
 from kdcli.engine.objective import IGNORE_INDEX, Objective
 from kdcli.engine.observer import Observer, SilentObserver
 from kdcli.engine.optim import build_optimizer, build_scheduler
-from kdcli.engine.teachers import OnlineTeacher, TeacherSource
+from kdcli.engine.teachers import OnlineTeacher, TeacherSource, autocast_for
 from kdcli.errors import KdError
 from kdcli.models import build_student, check_tokenizers, count_parameters, load_teacher, load_tokenizer
 from kdcli.recipe import Recipe
@@ -84,7 +84,7 @@ def distill(
         torch.set_num_threads(recipe.train.threads)
 
     precision = recipe.train.precision
-    autocast = _autocast(precision)
+    autocast = autocast_for(precision)
     parts = prepare(recipe, autocast, observer)
     teacher, student, tokenizer = parts.teacher, parts.student, parts.tokenizer
     train_set, eval_set = parts.train_set, parts.eval_set
@@ -397,12 +397,6 @@ def prepare(recipe: Recipe, autocast: contextlib.AbstractContextManager[Any], ob
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def micro_batches(

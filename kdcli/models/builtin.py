@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import secrets
@@ -22,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdcli.durable import fsync_dir, fsync_tree
+from kdcli.durable import sha256_file as _sha256_file  # module-level name: tests replace it
 from kdcli.errors import KdError, did_you_mean
 
 if TYPE_CHECKING:
@@ -129,14 +130,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def builtin_fingerprint(name: str) -> str:
     """sha256 of the built-in's GGUF file; cached beside the converted folder, keyed on the file's size and mtime."""
     spec = builtin_spec(name)
@@ -215,42 +208,6 @@ def _sweep_leftovers(root: Path, name: str) -> None:
     """Remove temp folders of dead conversions. Call only under the lock: then none of them is still being written."""
     for stale in root.glob(f".tmp-{name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _current_umask() -> int | None:
-    """Read without `os.umask(0)`, which would briefly change it for every thread of the process."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file before the rename publishes the folder; also widen safetensors' private 0600 files to
-    the umask, so a KD_HOME shared by a team stays readable."""
-    umask = _current_umask()
-    for dirpath, _, filenames in os.walk(root):
-        for fname in filenames:
-            path = os.path.join(dirpath, fname)
-            if umask is not None:
-                with contextlib.suppress(OSError):
-                    os.chmod(path, 0o666 & ~umask)
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -368,7 +325,7 @@ def builtin_model_dir(name: str, *, on_message: Message | None = None) -> Path:
                     "pad_token_set_by_kd": pad_set,
                 },
             )
-            _fsync_tree(tmp)
+            fsync_tree(tmp, share=True)
             if final.exists():
                 # An outdated or unmarked folder: moved aside in one rename (deleting it in place could leave a
                 # marker without weights), and removed by the stale-folder sweep if we die before the rmtree.
@@ -376,7 +333,7 @@ def builtin_model_dir(name: str, *, on_message: Message | None = None) -> Path:
                 os.rename(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
