@@ -37,7 +37,8 @@ from kdcli.data import Collator, load_examples  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
 from kdcli.engine.objective import Objective  # noqa: E402
 from kdcli.engine.teachers import OnlineTeacher  # noqa: E402
-from kdcli.engine.trainer import _autocast, evaluate  # noqa: E402
+from kdcli.engine.trainer import evaluate  # noqa: E402
+from kdcli.hardware import Runtime  # noqa: E402
 from kdcli.models import load_teacher, load_tokenizer  # noqa: E402
 from kdcli.recipe import Recipe, load_recipe  # noqa: E402
 
@@ -54,16 +55,16 @@ def bare_forward_seconds(recipe: Recipe, model: torch.nn.Module, tokenizer: Any)
     """The writer's batches (same examples, order, batch size, precision) through the teacher, nothing else."""
     examples = load_examples(recipe.data, tokenizer, "train")
     assert examples is not None
-    collate, autocast, size = (
+    collate, runtime, size = (
         Collator.for_tokenizer(tokenizer),
-        _autocast(recipe.train.precision),
+        Runtime.of(recipe.train.device, recipe.train.precision),
         recipe.cache.batch_size,
     )
     started = time.perf_counter()
     with torch.no_grad():
         for lo in range(0, len(examples), size):
-            batch = collate(examples[lo : lo + size])
-            with autocast:
+            batch = runtime.to_device(collate(examples[lo : lo + size]))
+            with runtime.autocast():
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return time.perf_counter() - started
 
@@ -74,17 +75,15 @@ def per_example_eval(
     """(dense eval loss, tokens) per eval example, with the online teacher: the same yardstick for both students."""
     from transformers import AutoModelForCausalLM
 
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    runtime = teacher.runtime
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(runtime.device)
     examples = load_examples(recipe.data, tokenizer, "eval")
     assert examples is not None
-    collate, objective, autocast = (
-        Collator.for_tokenizer(tokenizer),
-        Objective(recipe.loss),
-        _autocast(recipe.train.precision),
-    )
+    collate, objective = Collator.for_tokenizer(tokenizer), Objective(recipe.loss)
     out = []
     for example in examples:
-        scores = evaluate(student, teacher, [collate([example])], objective, autocast, teacher.width)
+        batch = runtime.to_device(collate([example]))
+        scores = evaluate(student, teacher, [batch], objective, runtime, teacher.width)
         out.append((scores["eval_loss"], int(scores["eval_tokens"])))
     return out
 
@@ -135,8 +134,8 @@ def main() -> None:
     # 2. Writer against a bare forward over the same batches.
     small = recipe_with(base, *subset)
     tokenizer = load_tokenizer(small.teacher.model)
-    dtype = torch.bfloat16 if small.train.precision == "bf16" else torch.float32
-    model = load_teacher(small.teacher, dtype)
+    runtime = Runtime.of(small.train.device, small.train.precision)
+    model = load_teacher(small.teacher, runtime.inference_dtype).to(runtime.device)
     bare_forward_seconds(small, model, tokenizer)  # warm-up: first-call allocations and kernel selection
     bare = [bare_forward_seconds(small, model, tokenizer)]
     writer = write_cache(small, work / "writer-k64", overwrite=True)["stats"]
@@ -154,7 +153,7 @@ def main() -> None:
     for label, recipe in (("online", online_recipe), ("cached", cached_recipe)):
         runs[label] = distill(recipe, overwrite=True)
         print(f"{label}: {runs[label]['tokens_per_s']:.0f} tok/s, eval {runs[label]['eval_after']}", flush=True)
-    teacher = OnlineTeacher(model, _autocast(online_recipe.train.precision), int(model.config.vocab_size), "teacher")
+    teacher = OnlineTeacher(model, runtime, int(model.config.vocab_size), "teacher")
     scored = {
         label: per_example_eval(online_recipe, Path(runs[label]["run_dir"]) / "student", teacher, tokenizer)
         for label in runs

@@ -286,12 +286,15 @@ def plan(
         str | None,
         typer.Option(
             "--device-memory",
-            help="Memory per rank, e.g. 80GiB. Default: GPU 0's total, or this machine's available RAM.",
+            help="Memory per rank, e.g. 80GiB. Default: the GPU's total, or this machine's available RAM.",
             show_default=False,
         ),
     ] = None,
     device: Annotated[
-        str, typer.Option("--device", help="auto, cpu or cuda: sets the chunk size of kd's losses.")
+        str,
+        typer.Option(
+            "--device", help="auto (the recipe's train.device), cpu or cuda: the memory limit and the loss chunk size."
+        ),
     ] = "auto",
 ) -> None:
     """Per-rank memory of a recipe for kd's engine and ZeRO stages 0-3, from model configs: nothing loads."""
@@ -354,6 +357,9 @@ def eval_(
             "--precision", help="auto (bf16 where native and saved so, or on a GPU; else fp32), bf16 or fp32."
         ),
     ] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (the first GPU where there is one, else the CPU), cpu, cuda, cuda:N.")
+    ] = "auto",
     out: Annotated[
         Path | None,
         typer.Option(
@@ -403,6 +409,7 @@ def eval_(
             max_examples=max_examples,
             template=template,
             precision=precision,  # type: ignore[arg-type]
+            device=device,
             out=out,
             force=force,
             judge=judge,

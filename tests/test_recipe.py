@@ -156,7 +156,7 @@ def test_precision_auto_follows_native_bf16(tmp_path: Path, monkeypatch: pytest.
     from kdcli.recipe import Recipe
 
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(hardware, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(hardware, "native_bf16", lambda device_type="auto", native=native: native)
         assert Recipe(name="r").train.precision == expected
         assert Recipe(name="r", train={"precision": "bf16"}).train.precision == "bf16"
         assert Recipe(name="r", train={"precision": "fp32"}).train.precision == "fp32"

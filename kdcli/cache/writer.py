@@ -31,6 +31,7 @@ from kdcli.data import Collator, build_examples, load_rows
 from kdcli.data.formatting import Examples
 from kdcli.durable import current_umask
 from kdcli.errors import KdError
+from kdcli.hardware import Runtime
 from kdcli.runs import write_json
 
 if TYPE_CHECKING:
@@ -99,9 +100,7 @@ def write_cache(
     on_message: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write (or finish) the cache of `splits` into `out`; return the manifest, whose `stats` hold the summary."""
-    import torch
 
-    from kdcli.engine.teachers import autocast_for
     from kdcli.models import load_teacher, load_tokenizer
 
     say = on_message or (lambda _: None)
@@ -110,11 +109,11 @@ def write_cache(
     if "eval" in splits and not recipe.data.eval:
         raise KdError("--split eval: the recipe has no data.eval. Set data.eval, or cache the train split only.")
     previous = check_out_dir(out, overwrite)
+    runtime = Runtime.of(recipe.train.device, recipe.train.precision)
 
     say(f"Loading teacher {recipe.teacher.model}")
     tokenizer = load_tokenizer(recipe.teacher.model)
-    dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
-    model = load_teacher(recipe.teacher, dtype)
+    model = load_teacher(recipe.teacher, runtime.inference_dtype).to(runtime.device)
     vocab = int(model.config.get_text_config().vocab_size)
     if not 1 <= top_k <= vocab:
         raise KdError(f"cache.top_k: {top_k} must be between 1 and the teacher's vocabulary size {vocab}.")
@@ -130,7 +129,6 @@ def write_cache(
         _check_resumable(previous, manifest, out)
         manifest["splits"] = previous.get("splits", {})
 
-    autocast = autocast_for(recipe.train.precision)
     compute_seconds = 0.0  # forward + top-K + writing, without loading: what the writer's overhead is measured on
     collate = Collator.for_tokenizer(tokenizer)
     for split in splits:
@@ -171,7 +169,7 @@ def write_cache(
                     on_progress("cache", split, base + tokens, total)
 
             shard_started = time.perf_counter()
-            tensors, mass = _shard_tensors(model, examples, start, end, collate, autocast, manifest, recipe, batch_done)
+            tensors, mass = _shard_tensors(model, examples, start, end, collate, runtime, manifest, recipe, batch_done)
             info = _write_shard(out / split, index, tensors)
             entry["shards"].append({**info, "rows": end - start, "tokens": int(tensors["lengths"].sum()), **mass})
             _save_manifest(out, manifest)  # last: the shard is only listed once it is durably on disk
@@ -179,7 +177,8 @@ def write_cache(
             progress = sum(s["tokens"] for s in entry["shards"])
         entry["complete"] = True
     manifest["stats"] = cache_stats(manifest, time.perf_counter() - started) | {
-        "shard_seconds_this_run": round(compute_seconds, 3)
+        "shard_seconds_this_run": round(compute_seconds, 3),
+        "device": runtime.describe(),
     }
     _save_manifest(out, manifest)
     return manifest
@@ -247,7 +246,7 @@ def _shard_tensors(
     start: int,
     end: int,
     collate: Collator,
-    autocast: Any,
+    runtime: Runtime,
     manifest: dict[str, Any],
     recipe: Recipe,
     on_batch: Callable[[int], None],
@@ -263,11 +262,15 @@ def _shard_tensors(
     batch_size = writer["batch_size"]
     for lo in range(start, end, batch_size):
         batch = collate(examples[lo : min(end, lo + batch_size)])
-        with torch.no_grad(), autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        on_device = runtime.to_device(batch)
+        with torch.no_grad(), runtime.autocast():
+            logits = model(input_ids=on_device["input_ids"], attention_mask=on_device["attention_mask"]).logits
         valid = batch["labels"] != fmt.IGNORE_INDEX
+        labelled = valid.to(runtime.device)
         # Only labelled rows are reduced to top-K: the softmax over V is the writer's whole overhead.
-        record = SparseTeacher.from_logits(logits[..., :vocab][valid], batch["labels"][valid], top_k, temperature)
+        record = SparseTeacher.from_logits(
+            logits[..., :vocab][labelled], on_device["labels"][labelled], top_k, temperature
+        ).to("cpu")
         lengths = batch["attention_mask"].sum(dim=1)
         for row, length in enumerate(lengths.tolist()):
             parts["input_ids"].append(batch["input_ids"][row, :length].to(id_dtype))

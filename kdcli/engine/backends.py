@@ -31,7 +31,7 @@ class StudentBackend(Protocol):
 
     def save(self, folder: Path) -> None: ...
 
-    def load(self, folder: Path) -> None: ...
+    def load(self, folder: Path, device: torch.device) -> None: ...
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Weights to export on rank 0, or None to save the module as it is (every rank must call this)."""
@@ -74,8 +74,8 @@ class PlainStudent:
         }
         torch.save(state, folder / STATE_FILE)
 
-    def load(self, folder: Path) -> None:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    def load(self, folder: Path, device: torch.device) -> None:
+        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -125,7 +125,8 @@ class DeepSpeedStudent:
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, device: torch.device) -> None:
+        # DeepSpeed maps each shard onto the device its engine was placed on.
         path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")

@@ -166,12 +166,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def init_deepspeed(world: World) -> torch.device:
-    """Join the process group on the accelerator DeepSpeed detects: nccl on CUDA, gloo on CPU.
+def init_deepspeed(world: World, cpu: bool = False) -> torch.device:
+    """Join the process group on the accelerator DeepSpeed detects (nccl on CUDA, gloo on CPU), or on the CPU
+    when `cpu` is set (`train.device: cpu`).
 
     Returns the device this rank computes on.
     """
-    if not torch.cuda.is_available():
+    if cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    elif not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips the probe for GPUs and its warning
     # With the rank environment set DeepSpeed does not try MPI discovery; a lone process gets a free port.
     for key, value in (
@@ -240,14 +243,14 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
-def place_teacher(teacher: Any, device: torch.device, ds_config: dict[str, Any], zero3: bool) -> None:
+def place_teacher(teacher: Any, device: torch.device, ds_config: dict[str, Any] | None, zero3: bool) -> None:
     """Put an online teacher on this rank's device, or shard it over all ranks with ZeRO-3 inference.
 
     Each rank runs the teacher in inference mode on its own shard of the data. With `zero3`, the weights are
     partitioned and gathered layer by layer in each forward, for teachers too big for one device.
     """
     model = getattr(teacher, "model", None)
-    if zero3:
+    if zero3 and ds_config:
         if model is None:
             raise KdError("deepspeed.teacher_zero3: needs a teacher model run online, not a teacher cache.")
         import deepspeed

@@ -6,11 +6,11 @@ recipe switches between them with one key (`teacher.cache`).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from kdcli.hardware import Runtime
 from kdcli.losses import SparseTeacher
 
 Batch = dict[str, torch.Tensor]
@@ -32,25 +32,19 @@ class OnlineTeacher:
     def __init__(
         self,
         model: torch.nn.Module,
-        autocast: contextlib.AbstractContextManager[Any],
+        runtime: Runtime,
         width: int,
         description: str,
     ) -> None:
         self.model = model.eval()
-        self.autocast = autocast
+        self.runtime = runtime
         self.width = width
         self.description = description
         self.num_parameters = sum(p.numel() for p in model.parameters())
 
     @torch.no_grad()
     def targets(self, batch: Batch) -> torch.Tensor:
-        with self.autocast:
+        with self.runtime.autocast():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # Padded output layers may be wider than the vocabulary both tokenizers share.
         return logits[..., : self.width]
-
-
-def autocast_for(precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

@@ -6,7 +6,6 @@ train (checkpointing every `train.save_every` steps), score again, save the stud
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -39,8 +38,9 @@ from kdcli.engine.distributed import (
 from kdcli.engine.objective import IGNORE_INDEX, Objective
 from kdcli.engine.observer import Observer, SilentObserver
 from kdcli.engine.optim import build_optimizer, build_scheduler
-from kdcli.engine.teachers import OnlineTeacher, TeacherSource, autocast_for
+from kdcli.engine.teachers import OnlineTeacher, TeacherSource
 from kdcli.errors import KdError
+from kdcli.hardware import Runtime
 from kdcli.models import build_student, check_tokenizers, count_parameters, load_teacher, load_tokenizer
 from kdcli.recipe import Recipe
 from kdcli.runs import (
@@ -78,18 +78,23 @@ def distill(
         prepare_run_dir(recipe, overwrite=False)  # raises the refusal before any slow work
     check_global_batch(recipe, world.world_size)
     ds_config = deepspeed_config(recipe, world.world_size) if uses_deepspeed(recipe, world) else None
-    device = init_deepspeed(world) if ds_config else torch.device("cpu")
+    if ds_config:  # the launcher gives each process its own GPU; `train.device: cpu` keeps them all on CPUs
+        runtime = Runtime(init_deepspeed(world, cpu=recipe.train.device == "cpu"), recipe.train.precision)
+    else:
+        runtime = Runtime.of(recipe.train.device, recipe.train.precision)
+    device, precision = runtime.device, runtime.precision
     seed_everything(recipe.seed)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
 
-    precision = recipe.train.precision
-    autocast = autocast_for(precision)
-    parts = prepare(recipe, autocast, observer)
+    parts = prepare(recipe, runtime, observer)
     teacher, student, tokenizer = parts.teacher, parts.student, parts.tokenizer
     train_set, eval_set = parts.train_set, parts.eval_set
-    if ds_config:
-        place_teacher(teacher, device, ds_config, zero3=bool(recipe.deepspeed and recipe.deepspeed.teacher_zero3))
+    # Before the optimizer exists, so that its state is created on the device too.
+    student.to(device)
+    place_teacher(
+        teacher, device, ds_config, zero3=bool(ds_config and recipe.deepspeed and recipe.deepspeed.teacher_zero3)
+    )
 
     cfg = recipe.train
     window = cfg.batch_size * cfg.grad_accum * world.world_size  # examples per optimizer step, all processes
@@ -97,7 +102,7 @@ def distill(
     objective = Objective(recipe.loss)
     collate = parts.collate
     if device.type != "cpu":
-        collate = functools.partial(_collate_to, parts.collate, device)
+        collate = functools.partial(_collate_to, parts.collate, runtime)
 
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -121,13 +126,13 @@ def distill(
         if eval_set is None or len(eval_set) == 0:
             return None
         batches = (collate(eval_set[i : i + cfg.eval_batch_size]) for i in range(0, len(eval_set), cfg.eval_batch_size))
-        return evaluate(model, teacher, batches, objective, autocast, parts.width)
+        return evaluate(model, teacher, batches, objective, runtime, parts.width)
 
     start_step, tokens_seen, seconds_before = 0, 0, 0.0
     evals: list[dict[str, float]] = []
     if checkpoint is not None:
         state = read_state(checkpoint)
-        backend.load(checkpoint)
+        backend.load(checkpoint, device)
         restore_rng(checkpoint, world)
         start_step, tokens_seen, seconds_before = state["step"], state["tokens_seen"], state["train_seconds"]
         evals, eval_before = state["evals"], state["eval_before"]
@@ -200,7 +205,7 @@ def distill(
                 step_tokens = 0
                 for batch in window_batches:
                     targets = teacher.targets(batch)
-                    with autocast:
+                    with runtime.autocast():
                         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                         student_logits = outputs.logits
                     terms = objective(
@@ -261,7 +266,7 @@ def distill(
     summary = {
         "name": recipe.name,
         "seed": recipe.seed,
-        "device": device.type,
+        "device": runtime.describe(),
         "processes": world.world_size,
         "deepspeed": {"zero_stage": ds_config["zero_optimization"]["stage"]} if ds_config else None,
         "torch_threads": torch.get_num_threads(),
@@ -332,8 +337,8 @@ def _record_step(line: str) -> int:
         return 1 << 62  # a line cut off by the kill
 
 
-def _collate_to(collate: Callable[[Sequence[Any]], Batch], device: torch.device, rows: Sequence[Any]) -> Batch:
-    return {key: value.to(device) for key, value in collate(rows).items()}
+def _collate_to(collate: Callable[[Sequence[Any]], Batch], runtime: Runtime, rows: Sequence[Any]) -> Batch:
+    return runtime.to_device(collate(rows))
 
 
 @dataclass
@@ -349,7 +354,7 @@ class Prepared:
     collate: Callable[[Sequence[Any]], Batch]
 
 
-def prepare(recipe: Recipe, autocast: contextlib.AbstractContextManager[Any], observer: Observer) -> Prepared:
+def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
     """Load the teacher, build the student, check that their tokenizers agree, and tokenize the data.
 
     With `teacher.cache` the teacher never runs: examples and targets stream from the cache (`kdcli.cache`)."""
@@ -371,17 +376,16 @@ def prepare(recipe: Recipe, autocast: contextlib.AbstractContextManager[Any], ob
             "data.responses: `teacher` trains on responses the teacher generated, which `kd cache-teacher` writes. "
             "Run `kd cache-teacher RECIPE --out DIR`, then set teacher.cache: DIR."
         )
-    teacher_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
     observer.message(f"Loading teacher {recipe.teacher.model}")
     teacher_tokenizer = load_tokenizer(recipe.teacher.model)
-    teacher_model = load_teacher(recipe.teacher, teacher_dtype)
+    teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
     observer.message(f"Building student ({recipe.student.init})")
     # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
     student, tokenizer = build_student(
         recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher_model
     )
     width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_model.config, student.config)
-    teacher = OnlineTeacher(teacher_model, autocast, width, recipe.teacher.model)
+    teacher = OnlineTeacher(teacher_model, runtime, width, recipe.teacher.model)
 
     train_rows = load_rows(recipe.data.train, "train", "data.train")
     train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
@@ -437,7 +441,7 @@ def evaluate(
     teacher: TeacherSource,
     batches: Any,
     objective: Objective,
-    autocast: contextlib.AbstractContextManager[Any],
+    runtime: Runtime,
     width: int,
 ) -> dict[str, float]:
     """Token-weighted mean of the objective and its parts over the eval set."""
@@ -450,7 +454,7 @@ def evaluate(
         if valid == 0:
             continue
         targets = teacher.targets(batch)
-        with autocast:
+        with runtime.autocast():
             student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         terms = objective(student_logits[..., :width], targets, batch["labels"])
         sums["eval_loss"] += float(terms.total) * valid

@@ -38,6 +38,7 @@ from kdcli.evaluation.results import (
 )
 from kdcli.evaluation.sets import EvalSet, load_eval_set, parse_data_arg, set_name
 from kdcli.evaluation.targets import Target, resolve_target
+from kdcli.hardware import Runtime, check_device_spec, resolve_device, resolve_precision, saved_precision
 from kdcli.recipe.schema import DataFields
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class EvalOptions:
     max_examples: int | None = None
     template: str | None = None
     precision: Precision = "auto"
+    device: str = "auto"
     out: Path | None = None
     force: bool = False
     judge: str | None = None
@@ -94,7 +96,8 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
     mode = "greedy" if opts.greedy else "sampling"
     inputs_model = {"model": target.model, "weights": weights_fingerprint(target.model)}
 
-    precision = _precision_name(opts.precision, target)
+    runtime = _runtime(opts, target)
+    precision = runtime.precision
     settings = GenerationSettings(max_new_tokens=opts.max_new_tokens, greedy=opts.greedy, precision=precision)
     records: dict[str, dict[str, Any]] = {}
     for eval_set in sets:
@@ -107,7 +110,7 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
 
     todo = [(s, seed) for s in sets for seed in passes if not pass_file(target.eval_dir / s.name, seed).exists()]
     observer.message(f"kd eval → {target.eval_dir}  ·  {target.kind} {target.name}  ·  {mode}")
-    model = _load_model(target, precision, observer) if todo else None
+    model = _load_model(target, runtime, observer) if todo else None
 
     results: dict[str, Any] = {}
     for eval_set in sets:
@@ -132,6 +135,7 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
                     batch_size=opts.batch_size,
                     on_progress=observer.on_pass_progress,
                 )
+                stats = {**stats, "device": runtime.describe()}
                 record_pass(set_dir, record, label, stats)
                 stats = {**stats, "reused": False}
             rows = read_pass(path)
@@ -160,6 +164,7 @@ def _validate(opts: EvalOptions) -> None:
             raise KdError("--seeds: give at least one seed, e.g. --seeds 10,20,30,40,50 (or use --greedy).")
         if any(s < 0 for s in opts.seeds):
             raise KdError(f"--seeds: seeds are non-negative integers (got {list(opts.seeds)}).")
+    check_device_spec(opts.device, "--device")
     if opts.max_new_tokens < 1:
         raise KdError(f"--max-new-tokens: must be at least 1 (got {opts.max_new_tokens}).")
     if opts.batch_size < 1:
@@ -216,36 +221,24 @@ def _load_sets(opts: EvalOptions, target: Target, tokenizer: PreTrainedTokenizer
     return sets
 
 
-def _precision_name(choice: Precision, target: Target) -> str:
-    """`auto`: fp32 where bf16 is not native (emulated bf16 is about 5x slower, and fp32 holds bf16 weights
-    exactly); otherwise bf16 on a GPU, and on CPU the dtype the model was saved in when that is bf16."""
-    if choice != "auto":
-        return choice
-    from kdcli.hardware import native_bf16
+def _runtime(opts: EvalOptions, target: Target) -> Runtime:
+    """`--device` as `train.device` reads it; `--precision auto` as `train.precision` does, except that on a CPU
+    with native bf16 a model is run in the precision it was saved in (emulated bf16 is about 5x slower, and fp32
+    holds bf16 weights exactly)."""
+    device = resolve_device(opts.device, "--device")
+    saved = None
+    if opts.precision == "auto" and device.type == "cpu":
+        from kdcli.models import load_config
 
-    if not native_bf16():
-        return "fp32"
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16"
-    from kdcli.models import load_config
-
-    config = load_config(target.model, field="TARGET")
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return "bf16" if str(saved).removeprefix("torch.") == "bfloat16" else "fp32"
+        saved = saved_precision(load_config(target.model, field="TARGET"))
+    return Runtime(device, resolve_precision(opts.precision, str(device), saved=saved))
 
 
-def _load_model(target: Target, precision: str, observer: EvalObserver) -> PreTrainedModel:
-    import torch
-
+def _load_model(target: Target, runtime: Runtime, observer: EvalObserver) -> PreTrainedModel:
     from kdcli.models.loading import _load_model as load_causal_lm
 
-    dtype: torch.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    observer.message(f"Loading {target.model} ({precision})")
-    model = load_causal_lm(target.model, dtype, field="TARGET")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    observer.message(f"Loading {target.model} ({runtime.precision}, {runtime.device})")
+    model = load_causal_lm(target.model, runtime.inference_dtype, field="TARGET").to(runtime.device)
     model.eval()
     model.requires_grad_(False)
     return model

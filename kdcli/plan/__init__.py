@@ -39,22 +39,23 @@ def default_world_size() -> int:
         return 1
 
 
-def default_device() -> Device:
-    try:
-        import torch
+def default_device(train_device: str = "auto") -> Device:
+    """The kind of device a recipe's `train.device` trains on. A named GPU is planned for even on a machine without
+    one (plans are made ahead); `auto` asks this machine, as `kd distill` would."""
+    if train_device == "auto":
+        from kdcli.hardware import cuda_count
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+        return "cuda" if cuda_count() else "cpu"
+    return "cpu" if train_device == "cpu" else "cuda"
 
 
-def device_memory(device: Device) -> int | None:
-    """Total memory of GPU 0, or the host's available RAM for CPU training (what a new process can still use)."""
+def device_memory(device: Device, index: int = 0) -> int | None:
+    """Total memory of GPU `index`, or the host's available RAM for CPU training (what a new process can use)."""
     if device == "cuda":
         try:
             import torch
 
-            return int(torch.cuda.get_device_properties(0).total_memory)
+            return int(torch.cuda.get_device_properties(index).total_memory)
         except (ImportError, RuntimeError, AssertionError):
             return None
     try:
@@ -119,8 +120,9 @@ def plan_recipe(
     world = world_size if world_size is not None else default_world_size()
     if world < 1:
         raise KdError(f"--nproc: must be at least 1, got {world}.")
-    dev = device or default_device()
-    limit = memory if memory is not None else device_memory(dev)
+    dev = device or default_device(recipe.train.device)
+    gpu_index = int(recipe.train.device.partition(":")[2] or 0)
+    limit = memory if memory is not None else device_memory(dev, gpu_index)
     settings = recipe_settings(recipe, world_size=world, device=dev, memory=limit)
     gbs = getattr(recipe.train, "global_batch_size", None)
     if gbs is not None and gbs != settings.batch_size * settings.grad_accum * world:

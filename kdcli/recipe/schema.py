@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 BUILTIN_DATA = "builtin:starter"
@@ -153,13 +153,21 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    device: str = Field(
+        "auto",
+        description=(
+            "Where the student, the teacher and generation run: `auto` (the first GPU where CUDA is available, else "
+            "the CPU), `cpu`, `cuda` or `cuda:N`. Under a launcher each process takes its own GPU. run.json records "
+            "the device used."
+        ),
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
         validate_default=True,  # so that the default `auto` is resolved too
         description=(
             "`bf16`: teacher in bf16, student in fp32 master weights under bf16 autocast, saved in bf16. `auto` picks "
-            "bf16 where it is native (a GPU, or a CPU with AVX512-BF16/AMX) and fp32 elsewhere, where emulated bf16 "
-            "is about 5x slower. The run folder's recipe.yaml records the choice."
+            "bf16 where it is native on `train.device` (a GPU, or a CPU with AVX512-BF16/AMX) and fp32 elsewhere, "
+            "where emulated bf16 is about 5x slower. The run folder's recipe.yaml records the choice."
         ),
     )
     log_every: int = Field(1, ge=1, description="Write a `metrics.jsonl` line every N steps.")
@@ -181,12 +189,22 @@ class TrainConfig(Section):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints in `checkpoints/`.")
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        from kdcli.hardware import DEVICE_CHOICES, is_device_spec
+
+        if not is_device_spec(device):
+            raise ValueError(f"'{device}' is not a device; use {DEVICE_CHOICES}")
+        return device.strip()
+
     @field_validator("precision")
     @classmethod
-    def _resolve_auto_precision(cls, precision: str) -> str:
+    def _resolve_auto_precision(cls, precision: str, info: ValidationInfo) -> str:
         from kdcli.hardware import resolve_precision  # local: reads /proc/cpuinfo and torch.cuda only when needed
 
-        return resolve_precision(precision)
+        # `auto` asks about the device this recipe trains on: a CPU run on a GPU machine is not a GPU run.
+        return resolve_precision(precision, str(info.data.get("device", "auto")))
 
 
 class DeepSpeedConfig(Section):
