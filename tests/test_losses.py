@@ -61,15 +61,18 @@ def ref_tvd(lp: Tensor, lq: Tensor) -> Tensor:
     return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
 
 
-def ref_akl_weight(lp: Tensor, lq: Tensor, mu: float = 0.5, detach: bool = True) -> Tensor:
+def ref_akl_weight(lp: Tensor, lq: Tensor, mu: float = 0.5, detach: bool = True, ranked: int | None = None) -> Tensor:
+    """w_head per position; with `ranked`, only the first `ranked` entries (a cache's top-K buckets) can be head."""
     p, q = lp.exp(), lq.exp()
     qw = q.detach() if detach else q
-    ps, order = torch.sort(p, dim=-1, descending=True, stable=True)
+    m = p.shape[-1] if ranked is None else ranked
+    ps, order = torch.sort(p[..., :m], dim=-1, descending=True, stable=True)
     head_sorted = ps.cumsum(-1) <= mu
     head_sorted[..., 0] = True
+    head = torch.zeros_like(p, dtype=torch.bool)
+    head[..., :m] = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
     if mu >= 1.0:
-        head_sorted[:] = True
-    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+        head[:] = True
     gap = (p - qw).abs()
     g_head = (gap * head).sum(-1)
     g_tail = (gap * ~head).sum(-1)
@@ -77,8 +80,8 @@ def ref_akl_weight(lp: Tensor, lq: Tensor, mu: float = 0.5, detach: bool = True)
     return torch.where(total > 0, g_head / torch.where(total > 0, total, torch.ones_like(total)), 0.5)
 
 
-def ref_akl(lp: Tensor, lq: Tensor, mu: float = 0.5, detach: bool = True) -> Tensor:
-    w = ref_akl_weight(lp, lq, mu, detach)
+def ref_akl(lp: Tensor, lq: Tensor, mu: float = 0.5, detach: bool = True, ranked: int | None = None) -> Tensor:
+    w = ref_akl_weight(lp, lq, mu, detach, ranked)
     return w * ref_fkl(lp, lq) + (1 - w) * ref_rkl(lp, lq)
 
 
@@ -152,6 +155,8 @@ def ref_sparse_loss(s, name, t, y, ids, temperature=1.0, **params) -> Tensor:
     lq = torch.log_softmax(s.to(F64) / temperature, -1)
     lp = torch.log_softmax(t.to(F64) / temperature, -1)
     lP, lQ, target = coarsen(lp, lq, ids, y)
+    if name == "akl":  # the head is chosen among the top-K buckets; the label and tail buckets are tail
+        params = {**params, "ranked": ids.shape[-1]}
     return ref_reduce(name, lP, lQ, target, y, **params)
 
 
@@ -347,6 +352,100 @@ def test_akl_head_beyond_topk_fallback(mu: float, monkeypatch: pytest.MonkeyPatc
     rval, rgrad = ref_value_grad(ref_loss, s, "akl", t, y, mu=mu)
     assert_close(val, rval)
     assert_close(grad, rgrad)
+
+
+def tail_heavy_batch(tail_sign: float, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits over V = 50 whose teacher top-5 mass 0.55 is just above μ = 0.5 while the lumped tail (0.45) outweighs
+    every top-5 token (0.13 … 0.09). The student's q_v = c_v · p_v on the tail tokens, c_v all above 1
+    (tail_sign < 0) or all below 1 (tail_sign > 0): p − q has one sign within the tail, so coarsening it leaves
+    g_tail unchanged, while the c_v differ, so it still changes the KLs. Labels alternate inside / outside the top 5.
+    """
+    g = torch.Generator().manual_seed(seed)
+    v, k, rows = 50, 5, 6
+    top = torch.tensor([0.13, 0.12, 0.11, 0.10, 0.09], dtype=F64)
+    p = torch.empty(rows, v, dtype=F64)
+    q = torch.empty(rows, v, dtype=F64)
+    y = torch.empty(rows, dtype=torch.int64)
+    lo, hi = (1.2, 2.0) if tail_sign < 0 else (0.1, 0.8)
+    for r in range(rows):
+        perm = torch.randperm(v, generator=g)
+        p_tail = 0.45 * torch.softmax(0.3 * torch.randn(v - k, generator=g, dtype=F64), -1)
+        q_tail = p_tail * (lo + (hi - lo) * torch.rand(v - k, generator=g, dtype=F64))
+        q_top = (1 - q_tail.sum()) * torch.softmax(torch.randn(k, generator=g, dtype=F64), -1)
+        p[r, perm[:k]], p[r, perm[k:]] = top, p_tail
+        q[r, perm[:k]], q[r, perm[k:]] = q_top, q_tail
+        y[r] = perm[0] if r % 2 == 0 else perm[k + r]
+    return q.log().unsqueeze(0), p.log().unsqueeze(0), y.unsqueeze(0)
+
+
+@pytest.mark.parametrize("tail_sign", [1.0, -1.0])
+def test_sparse_akl_head_is_the_dense_head(tail_sign: float) -> None:
+    """Top-K mass just above μ: the sparse head is the dense head, so w_head agrees with the dense one, and the sparse
+    loss is exactly the dense weights applied to the coarsened KLs. Ranking the tail bucket too makes it the head."""
+    s, t, y = tail_heavy_batch(tail_sign)
+    sparse = SparseTeacher.from_logits(t, y, k=5)
+    lp, lq = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    lP, lQ, _ = coarsen(lp, lq, sparse.topk_ids, y)
+    # The case in point: the tail bucket is the largest bucket while the top-K mass exceeds μ.
+    assert (lP[..., -1].exp() > lP[..., :5].exp().amax(-1)).all() and (sparse.tail_mass < 0.5).all()
+    in_top = (sparse.topk_ids == y.unsqueeze(-1)).any(-1)
+    assert in_top.any() and (~in_top).any()
+
+    dval, _, dstats = lib_value_grad("akl", {}, s, t, y)
+    sval, sgrad, sstats = lib_value_grad("akl", {}, s, sparse, y)
+    w_dense = ref_akl_weight(lp, lq)
+    assert dstats["akl_head_weight"] == pytest.approx(w_dense.mean().item(), abs=1e-12)
+    assert sstats["akl_head_weight"] == pytest.approx(dstats["akl_head_weight"], abs=1e-12)
+
+    def dense_weights_on_coarsened(s_: Tensor) -> Tensor:
+        lq_ = torch.log_softmax(s_, -1)
+        lP_, lQ_, _ = coarsen(lp, lq_, sparse.topk_ids, y)
+        return (w_dense * ref_fkl(lP_, lQ_) + (1 - w_dense) * ref_rkl(lP_, lQ_)).mean()
+
+    rval, rgrad = ref_value_grad(dense_weights_on_coarsened, s)
+    assert_close(sval, rval)
+    assert_close(sgrad, rgrad)
+    # Coarsening can only lose divergence (data processing), and here it does: the loss is not trivially dense.
+    assert sval.item() < dval.item() - 1e-4
+    # Discriminating: with every bucket ranked, the tail bucket sorts first and becomes the head.
+    w_all_buckets = ref_akl_weight(lP, lQ)
+    assert abs(w_all_buckets.mean() - w_dense.mean()).item() > 0.03
+
+
+def test_sparse_akl_full_k_on_tail_heavy_case() -> None:
+    s, t, y = tail_heavy_batch(1.0, seed=1)
+    dval, dgrad, dstats = lib_value_grad("akl", {}, s, t, y)
+    sval, sgrad, sstats = lib_value_grad("akl", {}, s, SparseTeacher.from_logits(t, y, k=50), y)
+    assert_close(sval, dval, 1e-12)
+    assert_close(sgrad, dgrad, 1e-12)
+    assert sstats["akl_head_weight"] == pytest.approx(dstats["akl_head_weight"], abs=1e-12)
+
+
+def test_sparse_akl_head_weight_bounds() -> None:
+    """Per position, for any student: top-K mass > μ gives w_head ≥ dense (g_tail shrinks under coarsening), and a
+    teacher too flat for that gets the whole top K as its head."""
+    s, t, y = make_batch("all_valid", b=1, t=12, v=31, seed=71)
+    t[0, 6:] *= 0.1  # flat rows: the top-K mass stays below μ
+    sparse = SparseTeacher.from_logits(t, y, k=5)
+    covered = 1 - sparse.tail_mass[0]
+    assert (covered > 0.5).any() and (covered <= 0.5).any()
+    strict = 0
+    for j in range(12):
+        cut = (slice(None), slice(j, j + 1))
+        one = SparseTeacher(
+            *(x[cut] for x in (sparse.topk_ids, sparse.topk_logprobs, sparse.label_logprob)), sparse.tail_mass[cut]
+        )
+        _, _, dstats = lib_value_grad("akl", {}, s[cut], t[cut], y[cut])
+        _, _, sstats = lib_value_grad("akl", {}, s[cut], one, y[cut])
+        w_dense, w_sparse = dstats["akl_head_weight"], sstats["akl_head_weight"]
+        if covered[j] > 0.5:
+            assert w_sparse >= w_dense - 1e-12
+            strict += w_sparse > w_dense + 1e-6
+        else:  # the head is the whole top K: w_head = Σ_topK |p − q| / Σ_buckets |P − Q|
+            lP, lQ, _ = coarsen(torch.log_softmax(t[cut], -1), torch.log_softmax(s[cut], -1), one.topk_ids, y[cut])
+            gap = (lP.exp() - lQ.exp()).abs()
+            assert w_sparse == pytest.approx((gap[..., :5].sum() / gap.sum()).item(), abs=1e-12)
+    assert strict > 0  # the inequality is not trivially an equality
 
 
 @pytest.mark.parametrize("base", ["fkl", "rkl"])

@@ -17,9 +17,13 @@ engine turns h into the gradient with respect to the tempered student logits x =
 which for singleton buckets is h_v − q_v Σh and for the tail bucket spreads h_tail over the tail tokens in
 proportion to their share of the tail. Finally ∂/∂z = (1/T) ∂/∂x.
 
-Numerics: log-probabilities are clamped to the dtype's finite minimum, so masked (−inf) logits give probability 0,
-every "0 · log 0" term is an exact 0 and no −inf − (−inf) = NaN appears; a genuinely infinite divergence
-(teacher mass where the student has none) shows up as a huge finite number instead.
+Numerics: log-probabilities are clamped to the compute dtype's finite minimum (finfo.min), so masked (−inf) logits
+give probability 0, every "0 · log 0" term is an exact 0 and no −inf − (−inf) = NaN appears. A genuinely infinite
+divergence (e.g. teacher mass p_v on a token where the student has probability 0) therefore contributes about
+p_v · |finfo.min| per position instead of inf: ≈ p_v · 3.4e38 in float32 (the compute dtype of fp32, bf16 and fp16
+inputs), whose mean over positions stays finite; ≈ p_v · 1.8e308 in float64, where the float64 sum over positions
+overflows to inf as soon as those values add up past 1.8e308 (e.g. six positions with p_v = 0.2). The gradient
+stays finite in both.
 """
 
 from __future__ import annotations
@@ -98,6 +102,10 @@ class Buckets:
     logq: Tensor  # [n, M], clamped to finfo.min
     target: Tensor | None = None  # [n] int64 bucket of the label token (only for divergences that need it)
     hard: Tensor | None = None  # [n] 0/1 in compute dtype (ATKD's hard-position indicator)
+    # How many leading buckets are single tokens whose rank by p is known (AKL's head is chosen among them); None:
+    # all M (dense). A cached teacher has K: its label and tail buckets hold tokens ranked below every top-K token,
+    # in an order the cache does not know.
+    ranked: int | None = None
 
 
 @dataclass
@@ -302,7 +310,7 @@ def sparse_chunk(
     clamp_log_(logp)
 
     target = torch.where(has.squeeze(1), pos, k) if div.needs_target else None
-    out = div.kernel(Buckets(p=p, q=q, logp=logp, logq=logq, target=target, hard=hard), need_grad)
+    out = div.kernel(Buckets(p=p, q=q, logp=logp, logq=logq, target=target, hard=hard, ranked=k), need_grad)
     if not need_grad:
         return out.loss, None, out.stats
     assert out.h is not None

@@ -12,7 +12,16 @@ Per valid position, with μ ∈ (0, 1]:
 Speed: a full sort of V entries per position is what makes naive AKL slow. The head is found from torch.topk over
 the first AKL_TOPK entries; only rows whose head may extend past them (c_(k) ≤ μ: a flat teacher) retry with an 8×
 longer shortlist, and a shortlist longer than V/4 becomes a full stable sort. Ties at the μ boundary follow
-torch.topk / stable-sort order. With a cached teacher the head is computed within the coarsened distribution.
+torch.topk / stable-sort order.
+
+Cached teacher (buckets [top-K..., label-if-outside, tail]): steps 1–2 run over the K top-K buckets only
+(`Buckets.ranked`); the label bucket and the tail bucket are always in the tail. They hold tokens ranked below every
+top-K token, in an order the cache does not know, so a large tail bucket must not sort first and become "the head".
+Whenever the top-K mass exceeds μ the dense head lies inside the top K, so this head is exactly the dense one and
+g_head the dense value; g_tail, taken over buckets, satisfies Σ_b |P_b − Q_b| ≤ Σ_{v∉H} |p_v − q̄_v|, with equality
+when p − q̄ has one sign within each bucket, so w_head is then the dense value or larger. Otherwise the head is the
+whole top K (the dense head would continue into tokens the cache cannot rank). For μ = 1 every bucket is in the
+head, as in the dense case.
 """
 
 from __future__ import annotations
@@ -86,7 +95,9 @@ class AdaptiveKL(ChunkedDivergence):
     def kernel(self, b: Buckets, need_grad: bool) -> KernelOut:
         absdiff = torch.sub(b.p, b.q).abs_()
         g_total = absdiff.sum(dim=-1)
-        g_head = head_gap(b.p, absdiff, self.mu)
+        # μ = 1 puts every bucket in the head without ranking anything, so lumped buckets are eligible then.
+        m = b.p.shape[-1] if b.ranked is None or self.mu >= 1.0 else b.ranked
+        g_head = head_gap(b.p[:, :m], absdiff[:, :m], self.mu)
         del absdiff
         w_head = torch.where(g_total > 0, g_head / g_total.clamp_min(torch.finfo(g_total.dtype).tiny), 0.5)
         w_head = w_head.clamp_(0.0, 1.0)
