@@ -1,4 +1,9 @@
-"""The training objective: (1 - kd_ratio) * CE + kd_ratio * scale * D, normalised over valid positions."""
+"""The training objective: (1 - kd_ratio) * CE + kd_ratio * scale * D, normalised over valid positions.
+
+scale is T² when `scale_by_t2` is set and the divergence's temperature T differs from 1, else 1. CE is taken at
+T = 1 on the labels; D is the divergence at temperature T (see docs/methods.md). Both are sums over valid positions
+divided by `num_valid`, and an all-masked batch gives zeros that still back-propagate (zero gradients).
+"""
 
 from __future__ import annotations
 
@@ -39,27 +44,38 @@ class Objective:
         num_valid: int | None = None,
     ) -> ObjectiveTerms:
         """`num_valid` is the valid-position count of the whole accumulation window, so that the summed
-        micro-batch losses equal the loss of the full batch, however it is split."""
+        micro-batch losses equal the loss of the full batch, however it is split. Default: this batch's count."""
         count = int(num_valid if num_valid is not None else (labels != IGNORE_INDEX).sum())
+        if count < 0:
+            raise ValueError(f"num_valid must be >= 0, got {num_valid}")
+        if count == 0 and num_valid is not None and bool((labels != IGNORE_INDEX).any()):
+            raise ValueError("num_valid=0 but this batch has valid positions; pass the accumulation window's count")
         kd_ratio = self.cfg.kd_ratio
-        if kd_ratio < 1.0:
-            ce = cross_entropy(student_logits, labels, count)
-        else:
-            ce = student_logits.new_zeros((), dtype=torch.float32)
+        ce = cross_entropy(student_logits, labels, count) if kd_ratio < 1.0 else _zero(student_logits)
         if kd_ratio > 0.0:
-            kd = self.divergence(student_logits, teacher, labels, num_valid=count)
+            # An empty window has no count to divide by; the divergence then falls back to this call's own N = 0,
+            # which gives its zero loss, zero gradient and zero stats instead of refusing num_valid = 0.
+            kd = self.divergence(student_logits, teacher, labels, num_valid=count if count > 0 else None)
             stats = dict(getattr(self.divergence, "last_stats", {}) or {})
         else:
-            kd, stats = student_logits.new_zeros((), dtype=torch.float32), {}
+            kd, stats = _zero(student_logits), {}
         total = (1.0 - kd_ratio) * ce + kd_ratio * self.kd_scale * kd
         return ObjectiveTerms(total=total, ce=ce, kd=kd, stats=stats)
 
 
+def _zero(logits: torch.Tensor) -> torch.Tensor:
+    """A constant 0 in the dtype the terms are reported in (float64 for float64 logits, else float32)."""
+    return logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
     """Sum of token cross-entropies over valid positions, divided by `count`; 0 when nothing is valid."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if count == 0:
-        return logits.sum() * 0.0
-    flat_labels = labels.reshape(-1)
-    valid = flat_labels != IGNORE_INDEX
-    rows = logits.reshape(-1, logits.shape[-1])[valid]
-    return F.cross_entropy(rows.float(), flat_labels[valid], reduction="sum") / count
+        # An empty slice keeps the zero on the autograd graph; logits.sum() * 0 would be NaN for −inf logits.
+        return logits[..., :0].sum(dtype=dtype)
+    valid = labels != IGNORE_INDEX
+    # Boolean indexing over the leading dims gathers the valid rows without reshaping, which would copy caller-sliced
+    # (non-viewable) logits in full.
+    rows = logits[valid]
+    return F.cross_entropy(rows.to(dtype), labels[valid], reduction="sum") / count
