@@ -445,7 +445,9 @@ def compare(
     format_: Annotated[
         str, typer.Option("--format", "-f", help="table, markdown, json or csv (the last three print plain text).")
     ] = "table",
-    resamples: Annotated[int, typer.Option("--resamples", help="Paired bootstrap resamples per test.")] = 10_000,
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="Bootstrap resamples of the prompts (one set serves every test and CI).")
+    ] = 10_000,
     judge: Annotated[
         str | None,
         typer.Option("--judge", help="Head-to-head LLM judge against the baseline: gpt4.", show_default=False),
@@ -460,8 +462,8 @@ def compare(
     judge_retries: JudgeRetriesOpt = 5,
     judge_timeout: JudgeTimeoutOpt = 120.0,
 ) -> None:
-    """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% CIs over seeds, and
-    deltas against a baseline with paired bootstrap p-values."""
+    """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% intervals over prompts
+    (and the spread over seeds), and deltas against a baseline with paired prompt-level bootstrap p-values."""
     from kdcli.compare.cli import run_compare
     from kdcli.ui import console
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,22 +106,26 @@ def add_eval(
     examples: int = 30,
     judge: Callable[[int, int], tuple[float, float]] | None = None,
     mode: str = "sampling",
+    missing: Mapping[int, Collection[int]] | None = None,
 ) -> dict[str, Any]:
-    """What kd eval writes for one set: per-pass files, judge records, results.json (merged with earlier sets)."""
+    """What kd eval writes for one set: per-pass files, judge records, results.json (merged with earlier sets).
+
+    `missing` maps a seed to the example indices its pass lacks (a pass cut short, or filtered differently)."""
     set_dir = run / "eval" / set_name
     set_dir.mkdir(parents=True, exist_ok=True)
     per_pass: dict[str, dict[str, float]] = {}
     labels = ["greedy"] if mode == "greedy" else [f"seed-{s}" for s in seeds]
     for label, seed in zip(labels, [0] if mode == "greedy" else list(seeds), strict=True):
         rows = []
-        for i in range(examples):
+        kept = [i for i in range(examples) if i not in (missing or {}).get(seed, ())]
+        for i in kept:
             text, tokens = answer(seed, i)
             rows.append({**example(i), "response": text, "tokens": tokens, "stopped": "eos"})
         (set_dir / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         per_pass[label] = score_pass(rows)
         if judge is not None:
             records = []
-            for i in range(examples):
+            for i in kept:
                 model, reference = judge(seed, i)
                 records.append({"index": i, "model_score": model, "reference_score": reference})
             (set_dir / f"judge-{label}.jsonl").write_text(

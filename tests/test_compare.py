@@ -1,6 +1,7 @@
-"""`kd compare` on synthetic run folders with known numbers: the t interval and the paired bootstrap against scipy
-and exact enumeration, the setup diff, every output format, the plot, missing and partial evals, bad folders, and
-the head-to-head judge against a fake OpenAI server."""
+"""`kd compare` on synthetic run folders with known numbers: the t interval against scipy, the prompt-level paired
+bootstrap against exact enumeration and the normal approximation, the setup diff, every output format, the plot,
+missing and partial evals, bad folders, and the head-to-head judge against a fake OpenAI server. The bootstrap's
+calibration over many null replications is in test_compare_calibration.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from kdcli.cli import app
 from kdcli.compare import compare_runs, load_runs, print_table, setup_diff, sparkline, t_quantile, to_markdown
 from kdcli.compare.head_to_head import head_to_head, judge_client
 from kdcli.compare.plot import write_plot
-from kdcli.compare.stats import DistinctStat, MeanStat, RatioStat, mean_ci, observed, paired_bootstrap
+from kdcli.compare.stats import DistinctStat, MeanStat, RatioStat, mean_ci, observed, paired_bootstrap, prompt_bootstrap
 from kdcli.errors import KdError
 from kdcli.evaluation.judge import JudgeSettings
 from kdcli.evaluation.metrics import distinct_n, words
@@ -86,29 +87,65 @@ def test_ratio_stat_is_the_judge_score() -> None:
     assert stat(np.array([[2.0, 0.0, 1.0]]))[0] == pytest.approx(100 * (16 + 7) / (18 + 5))
 
 
-def _exact_bootstrap_p(strata: list[tuple[list[float], list[float]]]) -> float:
-    """P(|δ* − δ̂| ≥ |δ̂|) over every equally likely resample of every stratum: no randomness at all."""
-    observed_delta = np.mean([np.mean(b) - np.mean(a) for a, b in strata])
-    per_stratum = []
-    for a, b in strata:
-        n = len(a)
-        draws = itertools.product(range(n), repeat=n)
-        per_stratum.append([np.mean([b[i] for i in idx]) - np.mean([a[i] for i in idx]) for idx in draws])
+def _exact_bootstrap_p(passes: list[tuple[list[float], list[float]]]) -> float:
+    """P(|δ* − δ̂| ≥ |δ̂|) over every equally likely resample of the prompts, no randomness at all. One resample is
+    one tuple of prompt indices, and it applies to every pass (the passes are seeds of the same prompts)."""
+    n = len(passes[0][0])
+    observed_delta = np.mean([np.mean(b) - np.mean(a) for a, b in passes])
     extreme = total = 0
-    for combo in itertools.product(*per_stratum):
+    for idx in itertools.product(range(n), repeat=n):
+        delta = np.mean([np.mean([b[i] - a[i] for i in idx]) for a, b in passes])
         total += 1
-        extreme += abs(np.mean(combo) - observed_delta) >= abs(observed_delta) - 1e-12
+        extreme += abs(delta - observed_delta) >= abs(observed_delta) - 1e-12
     return extreme / total
 
 
 def test_paired_bootstrap_p_matches_exact_enumeration() -> None:
-    strata = [([1.0, 0.0, 0.5], [1.0, 1.0, 0.0]), ([0.2, 0.4, 0.1, 0.9], [0.6, 0.4, 0.3, 1.0])]
-    exact = _exact_bootstrap_p(strata)
-    result = paired_bootstrap([(MeanStat(a), MeanStat(b)) for a, b in strata], resamples=40_000, seed=3)
+    # Three seeds of the same five prompts; prompt 3 is the run's big win under every seed, as in real evals.
+    passes = [
+        ([1.0, 0.0, 0.5, 0.2, 0.4], [1.0, 1.0, 0.0, 0.9, 0.5]),
+        ([0.8, 0.1, 0.4, 0.1, 0.6], [0.9, 0.7, 0.3, 1.0, 0.4]),
+        ([0.9, 0.2, 0.6, 0.0, 0.5], [0.7, 0.8, 0.6, 0.8, 0.4]),
+    ]
+    exact = _exact_bootstrap_p(passes)
+    assert 0.05 < exact < 0.5  # a p-value with room on both sides, so the comparison means something
+    result = paired_bootstrap([(MeanStat(a), MeanStat(b)) for a, b in passes], resamples=40_000, seed=3)
     assert result is not None
-    assert result.delta == pytest.approx(np.mean([np.mean(b) - np.mean(a) for a, b in strata]))
+    assert result.delta == pytest.approx(np.mean([np.mean(b) - np.mean(a) for a, b in passes]))
     # Monte Carlo error of a proportion from 40k draws: sd ≤ 0.0025; allow 4 sd.
     assert result.p_value == pytest.approx(exact, abs=0.01)
+
+
+def test_repeated_seeds_are_not_new_evidence() -> None:
+    """Three copies of one pass are one pass: the same prompts answered the same way carry no more evidence."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, 40), rng.normal(0.3, 1, 40)
+    once = paired_bootstrap([(MeanStat(a), MeanStat(b))], resamples=2000, seed=1)
+    thrice = paired_bootstrap([(MeanStat(a), MeanStat(b))] * 3, resamples=2000, seed=1)
+    assert once is not None and thrice is not None
+    assert thrice.p_value == once.p_value and thrice.ci95 == pytest.approx(once.ci95)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_bootstrap([(MeanStat(a), MeanStat(b)), (MeanStat(a[:30]), MeanStat(b[:30]))], resamples=200)
+
+
+def test_bootstrap_intervals_match_the_normal_approximation() -> None:
+    """On a mean over many prompts the percentile interval is close to mean ± 1.96 · SE, with SE over prompts of the
+    per-prompt mean over seeds (plug-in variance, as the bootstrap's), however small the seed-to-seed noise."""
+    rng = np.random.default_rng(11)
+    prompt, own = rng.normal(0, 5, 400), rng.normal(0.5, 2, 400)  # `own`: the run's per-prompt effect, every seed
+    a = [prompt + rng.normal(0, 1, 400) for _ in range(3)]
+    b = [prompt + own + rng.normal(0, 1, 400) for _ in range(3)]
+    boot = prompt_bootstrap([[MeanStat(x) for x in a], [MeanStat(x) for x in b]], resamples=20_000, seed=2)
+    assert boot is not None
+    per_prompt_a = np.mean(a, axis=0)
+    low, high = boot.interval(0) or (math.nan, math.nan)
+    se = per_prompt_a.std() / math.sqrt(400)
+    assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.05)
+    assert (low + high) / 2 == pytest.approx(per_prompt_a.mean(), abs=0.1 * se)
+    test = boot.paired(0, 1)
+    assert test is not None and test.ci95 is not None
+    se_delta = (np.mean(b, axis=0) - per_prompt_a).std() / math.sqrt(400)
+    assert (test.ci95[1] - test.ci95[0]) / 2 == pytest.approx(1.96 * se_delta, rel=0.05)
 
 
 def test_paired_bootstrap_p_agrees_with_paired_t_test_on_a_large_sample() -> None:
@@ -154,16 +191,27 @@ def test_compare_numbers_against_hand_computation(two_runs: tuple[Path, Path]) -
     assert starter.passes == ["seed-10", "seed-20", "seed-30"] and starter.examples == 30
     rows = {row.metric: row for row in starter.rows}
     assert list(rows) == ["rougeL", "exact_match", "distinct_1", "distinct_2", "length"]
-    # Length: mean tokens per pass, then mean ± t·s/√n over the three passes; checked against scipy.
+    # Length: mean tokens per pass, then the spread over the three passes, mean ± t·s/√n, checked against scipy;
+    # and the interval over prompts, checked against the normal approximation over the 30 per-prompt means.
+    per_prompt = {}
     for run in (fkl, akl):
-        per_seed = []
+        tokens = []
         for seed in (10, 20, 30):
             lines = (run / "eval" / "starter" / f"seed-{seed}.jsonl").read_text().splitlines()
-            per_seed.append(np.mean([json.loads(line)["tokens"] for line in lines]))
+            tokens.append([json.loads(line)["tokens"] for line in lines])
+        per_seed, per_prompt[run.name] = np.mean(tokens, axis=1), np.mean(tokens, axis=0)
         cell = rows["length"].cells[run.name]
-        assert cell is not None and cell.seeds == 3
+        assert cell is not None and cell.seeds == 3 and cell.ci95 is not None
         low, high = scipy.stats.t.interval(0.95, 2, loc=np.mean(per_seed), scale=scipy.stats.sem(per_seed))
-        assert cell.mean == pytest.approx(np.mean(per_seed)) and cell.ci95 == pytest.approx((high - low) / 2)
+        assert cell.mean == pytest.approx(np.mean(per_seed)) and cell.ci95_seeds == pytest.approx((high - low) / 2)
+        se = per_prompt[run.name].std() / math.sqrt(30)
+        assert cell.ci95[0] < cell.mean < cell.ci95[1]
+        assert (cell.ci95[1] - cell.ci95[0]) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    length = rows["length"].cells["akl"]
+    assert length is not None and length.delta_ci95 is not None and length.delta is not None
+    assert length.delta_ci95[0] < length.delta < length.delta_ci95[1]
+    se = (per_prompt["akl"] - per_prompt["fkl"]).std() / math.sqrt(30)
+    assert (length.delta_ci95[1] - length.delta_ci95[0]) / 2 == pytest.approx(1.96 * se, rel=0.15)
     # Per-seed values recomputed from the pass files equal what kd eval wrote to results.json.
     results = json.loads((akl / "eval" / "results.json").read_text())["sets"]["starter"]["sampling"]["metrics"]
     akl_em = rows["exact_match"].cells["akl"]
@@ -190,7 +238,8 @@ def test_rich_table_capture(two_runs: tuple[Path, Path]) -> None:
     assert "setup: recipe keys that differ" in text and "loss.params.mu" in text and "train.lr" in text
     assert "training" in text and "akl_head_weight (mean over steps)" in text
     assert "eval · starter (sampling) · 3 passes × 30 examples" in text and "fkl (baseline)" in text
-    assert re.search(r"ROUGE-L ↑ .*★", text) and re.search(r"Δ \+\d+\.\d+ p=0\.002 \*", text)
+    assert re.search(r"ROUGE-L ↑ .*\d \[[\d.]+, [\d.]+\] ★", text) and "seeds ± " in text
+    assert re.search(r"Δ \+\d+\.\d+ \[\+\d+\.\d+, \+\d+\.\d+\] p=0\.002 \*", text)
     assert "length (tokens)" in text and "n.s." in text  # length differs little: not significant
     curve_line = next(line for line in text.splitlines() if "loss curve" in line)
     assert re.search("[▁▂▃▄▅▆▇█]{16}", curve_line)
@@ -211,6 +260,7 @@ def test_markdown_json_csv_formats(two_runs: tuple[Path, Path]) -> None:
     table_lines = [line for line in lines if line.startswith("|")]
     assert table_lines and all(line.endswith("|") for line in table_lines)
     assert any("| exact match ↑ |" in line and "**" in line and "Δ +" in line and r"\*)" in line for line in lines)
+    assert any("| length (tokens) |" in line and "(seeds ± " in line and "; Δ " in line for line in lines)
 
     result = kd_compare(fkl, akl, "--format", "json", "--resamples", "500")
     assert result.exit_code == 0, result.output
@@ -218,6 +268,9 @@ def test_markdown_json_csv_formats(two_runs: tuple[Path, Path]) -> None:
     assert data["runs"] == ["fkl", "akl"] and data["baseline"] == "fkl"
     em = next(r for r in data["evaluation"][0]["rows"] if r["metric"] == "exact_match")
     assert em["cells"]["akl"]["significant"] is True and em["cells"]["fkl"]["delta"] is None
+    low, high = em["cells"]["akl"]["ci95"]
+    assert low < em["cells"]["akl"]["mean"] < high and em["cells"]["akl"]["ci95_seeds"] > 0
+    assert em["cells"]["akl"]["delta_ci95"][0] > 0 and em["cells"]["fkl"]["delta_ci95"] is None
     assert {row["key"] for row in data["setup"]} >= {"loss.divergence", "train.lr"}
 
     result = kd_compare(fkl, akl, "--format", "csv", "--resamples", "500")
@@ -227,6 +280,9 @@ def test_markdown_json_csv_formats(two_runs: tuple[Path, Path]) -> None:
     em_rows = {r["run"]: r for r in rows if r["section"] == "evaluation" and r["key"] == "exact_match"}
     assert float(em_rows["akl"]["delta"]) == pytest.approx(em["cells"]["akl"]["delta"])
     assert float(em_rows["akl"]["p_value"]) < 0.05 and em_rows["akl"]["best"] == "True"
+    assert float(em_rows["akl"]["ci95_low"]) == pytest.approx(low) and float(em_rows["akl"]["ci95_high"]) == high
+    assert float(em_rows["akl"]["ci95_seeds"]) == pytest.approx(em["cells"]["akl"]["ci95_seeds"])
+    assert float(em_rows["akl"]["delta_ci95_low"]) > 0 and em_rows["fkl"]["delta_ci95_low"] == ""
 
 
 def test_table_format_through_the_cli_and_bad_format(two_runs: tuple[Path, Path]) -> None:
@@ -280,20 +336,76 @@ def test_different_seeds_and_sets_are_compared_on_what_they_share(tmp_path: Path
     starter, extra = comparison.evaluation
     assert starter.passes == ["seed-20", "seed-30"] and starter.examples == 20
     notes = " ".join(starter.notes)
-    assert "different passes; compared on the 2 they share (seed-20, seed-30)" in notes
-    assert "compared on the 20 examples they share (of up to 25)" in notes
+    assert "different passes; compared on the 2 they share (seed-20, seed-30); left out: a seed-10; b seed-40." in notes
+    assert "the runs' example sets differ; compared on the 20 examples they share (of up to 25)" in notes
+    assert "passes of a run" not in notes
     cell = next(r for r in starter.rows if r.metric == "length").cells["a"]
     assert cell is not None and cell.seeds == 2
     assert extra.set == "extra" and extra.missing == {"b": f"kd eval {b} --data extra=data/extra.jsonl --seeds 10"}
 
 
-def test_greedy_pass_has_no_interval_but_a_p_value(tmp_path: Path) -> None:
+def test_passes_with_different_examples_are_aligned_by_prompt(tmp_path: Path) -> None:
+    """One resample of prompts must mean the same prompts in every pass: a pass that lacks examples shrinks every pass
+    to the examples all share, and rows are matched by prompt, not by line."""
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    answers = quality_answers(0.5, "a")
+    add_eval(a, answers, examples=20, missing={20: {3, 7}})
+    add_eval(b, lambda seed, i: (answers(seed, i)[0], answers(seed, i)[1] + 1), examples=20)
+    shuffled = b / "eval" / "starter" / "seed-20.jsonl"
+    shuffled.write_text("".join(reversed(shuffled.read_text().splitlines(keepends=True))))
+    (starter,) = compare_runs(load_runs([a, b]), resamples=300).evaluation
+    assert starter.examples == 18
+    assert any(
+        "the runs' example sets differ and the passes of a run cover different examples (a seed-20 (18)); compared on "
+        "the 18 examples they share (of up to 20), the same in every pass." in note
+        for note in starter.notes
+    )
+    kept = [i for i in range(20) if i not in (3, 7)]
+    cell = next(r for r in starter.rows if r.metric == "length").cells["b"]
+    expected = np.mean([np.mean([answers(seed, i)[1] + 1 for i in kept]) for seed in (10, 20, 30)])
+    assert cell is not None and cell.mean == pytest.approx(expected)
+    # b is a plus one token on every (prompt, seed): aligned, every resample gives exactly +1.
+    assert cell.delta == pytest.approx(1.0) and cell.delta_ci95 == pytest.approx((1.0, 1.0))
+    assert cell.p_value == pytest.approx(1 / 301)
+
+
+def test_judge_is_compared_on_the_examples_judged_in_every_pass(tmp_path: Path) -> None:
+    """The judge's ratio of sums, over its own subset: the examples judged in every pass of every run."""
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    add_eval(a, quality_answers(0.5, "a"), judge=lambda seed, i: (5.0 + i % 3, 8.0))
+    add_eval(b, quality_answers(0.5, "b"), judge=lambda seed, i: (6.0 + i % 3 + (seed == 20), 8.0))
+    judged = b / "eval" / "starter" / "judge-seed-20.jsonl"
+    judged.write_text(
+        "".join(line for line in judged.read_text().splitlines(keepends=True) if '"index": 4,' not in line)
+    )
+    (starter,) = compare_runs(load_runs([a, b]), resamples=500).evaluation
+    assert starter.examples == 30
+    assert any(
+        "judge score is compared on the 29 examples judged in every pass of every run" in n for n in starter.notes
+    )
+    row = next(r for r in starter.rows if r.metric == "judge")
+    kept = [i for i in range(30) if i != 4]
+    for label, score in (("a", lambda seed, i: 5.0 + i % 3), ("b", lambda seed, i: 6.0 + i % 3 + (seed == 20))):
+        cell = row.cells[label]
+        expected = np.mean([100 * sum(score(seed, i) for i in kept) / (8.0 * 29) for seed in (10, 20, 30)])
+        assert cell is not None and cell.mean == pytest.approx(expected) and cell.ci95 is not None
+        assert cell.ci95[0] < cell.mean < cell.ci95[1]
+    cell = row.cells["b"]
+    assert cell is not None and cell.delta == pytest.approx(100 * (1 + 1 / 3) / 8)
+    # b's judge score is a's plus a constant per pass on every example, under a fixed reference score: every
+    # resample of prompts gives exactly the same gain, so the p-value is the smallest B resamples allow.
+    assert cell.p_value == pytest.approx(1 / 501) and cell.delta_ci95 is not None
+    assert cell.delta_ci95[0] > 0
+
+
+def test_greedy_pass_has_no_seed_spread_but_an_interval_and_a_p_value(tmp_path: Path) -> None:
     a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
     add_eval(a, quality_answers(0.1, "a"), mode="greedy", examples=40)
     add_eval(b, quality_answers(0.9, "b"), mode="greedy", examples=40)
     (greedy,) = compare_runs(load_runs([a, b]), resamples=500).evaluation
     cell = next(r for r in greedy.rows if r.metric == "exact_match").cells["b"]
-    assert greedy.mode == "greedy" and cell is not None and cell.ci95 is None and cell.seeds == 1
+    assert greedy.mode == "greedy" and cell is not None and cell.ci95_seeds is None and cell.seeds == 1
+    assert cell.ci95 is not None and cell.ci95[0] < cell.mean < cell.ci95[1]  # one pass: still an interval over prompts
     assert cell.p_value is not None and cell.significant
 
 
@@ -332,6 +444,7 @@ def test_missing_generation_files_fall_back_to_results_json(two_runs: tuple[Path
     cell = next(r for r in starter.rows if r.metric == "rougeL").cells["akl"]
     results = json.loads((akl / "eval" / "results.json").read_text())["sets"]["starter"]["sampling"]["metrics"]
     assert cell is not None and cell.mean == pytest.approx(results["rougeL"]["mean"]) and cell.p_value is None
+    assert cell.ci95 is None and cell.ci95_seeds is not None  # no generations: the spread over seeds only
     assert any("seed-10.jsonl is missing" in note for note in starter.notes)
 
 

@@ -1,13 +1,13 @@
-"""`kd compare`: runs side by side — the recipe keys that differ, training numbers, eval metrics with 95 % CIs over
-seeds, deltas against a baseline with paired bootstrap p-values over examples, an optional head-to-head judge, and a
-PNG of the curves.
+"""`kd compare`: runs side by side — the recipe keys that differ, training numbers, eval metrics with 95 % intervals
+over prompts (a prompt-level bootstrap, the seeds as repeated measures) and the spread over seeds, deltas against a
+baseline with paired bootstrap p-values over prompts, an optional head-to-head judge, and a PNG of the curves.
 
     from kdcli.compare import compare_runs, load_runs, to_markdown
     runs = load_runs([Path("runs/quickstart-fkl"), Path("runs/quickstart-akl")])
     comparison = compare_runs(runs)             # the first run is the baseline
     print(to_markdown(comparison))
 
-Layout: `runs` (reading run folders), `setup_diff`, `stats` (t interval, paired bootstrap), `core` (the comparison
+Layout: `runs` (reading run folders), `setup_diff`, `stats` (prompt bootstrap, t interval), `core` (the comparison
 as data), `render` (rich, Markdown, JSON, CSV), `plot` (matplotlib, lazily), `head_to_head` (the pairwise judge).
 """
 
@@ -15,7 +15,7 @@ from kdcli.compare.core import Comparison, HeadToHead, MetricCell, MetricRow, Se
 from kdcli.compare.render import FORMATS, print_table, render_text, rich_view, sparkline, to_csv, to_json, to_markdown
 from kdcli.compare.runs import RunData, load_run, load_runs
 from kdcli.compare.setup_diff import SetupRow, flatten, setup_diff
-from kdcli.compare.stats import MeanCI, mean_ci, paired_bootstrap, t_quantile
+from kdcli.compare.stats import MeanCI, PromptBootstrap, mean_ci, paired_bootstrap, prompt_bootstrap, t_quantile
 
 __all__ = [
     "FORMATS",
@@ -24,6 +24,7 @@ __all__ = [
     "MeanCI",
     "MetricCell",
     "MetricRow",
+    "PromptBootstrap",
     "RunData",
     "SetComparison",
     "SetupRow",
@@ -35,6 +36,7 @@ __all__ = [
     "mean_ci",
     "paired_bootstrap",
     "print_table",
+    "prompt_bootstrap",
     "render_text",
     "rich_view",
     "setup_diff",

@@ -1,9 +1,11 @@
 """`compare_runs`: the whole comparison as data (setup diff, training, evaluation, notes), ready to render.
 
 Evaluation is compared only on what every run that has a set shares: the same passes (seeds) and the same
-examples (matched by index and prompt). Per-seed values are recomputed from the generation files on that shared
-part, with kd eval's own metric functions, so the mean ± CI, the delta and the bootstrap all describe the same
-numbers. When a run's generation files are gone, its results.json values are shown and no p-value is given.
+examples (matched by index and prompt), the examples being the same in every pass, so that one resample of prompts
+applies to every pass (`stats`). Per-seed values are recomputed from the generation files on that shared part,
+with kd eval's own metric functions, so the mean, both intervals, the delta and the bootstrap all describe the
+same numbers. When a run's generation files are gone, its results.json values are shown with the spread over
+seeds only, and no p-value is given.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from kdcli.compare.stats import (
     DEFAULT_SEED,
     DistinctStat,
     MeanStat,
+    PromptBootstrap,
     RatioStat,
     Statistic,
     mean_ci,
     observed,
-    paired_bootstrap_many,
+    prompt_bootstrap,
 )
 
 HIGHER, LOWER, NONE = "higher", "lower", "none"
@@ -44,11 +47,17 @@ DEFAULT_SEEDS = ("seed-10", "seed-20", "seed-30", "seed-40", "seed-50")
 
 @dataclass
 class MetricCell:
-    mean: float
-    ci95: float | None  # half-width of the 95 % t interval over seeds; None with one seed
-    seeds: int
+    mean: float  # mean over the shared passes of the metric on the shared examples
+    # (low, high): 95 % percentile interval of `mean` under the prompt bootstrap (prompts resampled, one draw for
+    # every pass); None when the generation files are missing.
+    ci95: tuple[float, float] | None
+    # Half-width of the 95 % Student t interval over the per-seed values: the seed-to-seed spread on these
+    # prompts, not an interval over prompts; None with one pass.
+    ci95_seeds: float | None
+    seeds: int  # passes the mean is over
     delta: float | None = None  # against the baseline
-    p_value: float | None = None  # paired bootstrap over examples, two-sided
+    delta_ci95: tuple[float, float] | None = None  # (low, high) of the delta, from the same paired bootstrap
+    p_value: float | None = None  # paired bootstrap over prompts, two-sided
     significant: bool | None = None  # p < 0.05
     best: bool = False
 
@@ -67,7 +76,7 @@ class SetComparison:
     set: str
     mode: str  # sampling or greedy
     passes: list[str]  # the shared passes, e.g. seed-10
-    examples: int | None  # shared examples per pass; None when the generation files are missing
+    examples: int | None  # shared examples, the same in every pass; None when the generation files are missing
     rows: list[MetricRow]
     notes: list[str] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)  # run label → the kd eval command that fills it
@@ -258,12 +267,19 @@ def compare_set(
     shared = [p for p in own[have[0].label] if all(p in passes for passes in own.values())]
     result.passes = shared
     if any(len(passes) != len(shared) for passes in own.values()):
+        unused = "; ".join(
+            f"{label} {', '.join(p for p in passes if p not in shared)}"
+            for label, passes in own.items()
+            if len(passes) != len(shared)
+        )
         result.notes.append(
             f"{set_name}: the runs were evaluated on different passes; compared on the {len(shared)} they share"
-            + (f" ({', '.join(shared)})." if shared else " (none: nothing is compared).")
+            + (f" ({', '.join(shared)})" if shared else " (none: nothing is compared)")
+            + f"; left out: {unused}."
         )
     _note_settings(result, entries)
     statistics = _statistics(have, set_name, shared, result) if shared else None
+    draws = _bootstrap(statistics, shared, resamples, seed) if statistics is not None else {}
 
     present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
     for key, title, direction, fmt in present:
@@ -272,7 +288,9 @@ def compare_set(
             values = _per_pass_values(run, entries[run.label], key, shared, statistics)
             if values:
                 ci = mean_ci(values)
-                row.cells[run.label] = MetricCell(ci.mean, ci.half_width, ci.n)
+                found = draws.get((run.label, key))
+                interval = found[0].interval(found[1]) if found else None
+                row.cells[run.label] = MetricCell(ci.mean, interval, ci.half_width, ci.n)
         result.rows.append(row)
     judged = [label for label, entry in entries.items() if "judge" in entry.get("metrics", {})]
     if judged and len(judged) < len(entries):
@@ -283,7 +301,7 @@ def compare_set(
                     "--judge gpt4` to add it."
                 )
     if statistics is not None and baseline in entries:
-        _test_against_baseline(result, statistics, baseline, resamples, seed)
+        _test_against_baseline(result, draws, baseline)
     elif baseline not in entries and len(have) > 1:
         result.notes.append(f"{set_name}: the baseline {baseline} has no {mode} eval on it, so no deltas are given.")
     for row in result.rows:
@@ -296,10 +314,16 @@ def compare_set(
 
 
 Stats = dict[str, dict[str, dict[str, Statistic]]]  # run label → metric → pass label → statistic
+Draws = dict[tuple[str, str], tuple[PromptBootstrap, int]]  # (run label, metric) → its bootstrap and series index
 
 
 def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], result: SetComparison) -> Stats | None:
-    """Per-example statistics on the shared examples, or None (with a note) when a generation file is missing."""
+    """Per-example statistics on the shared examples, or None (with a note) when a generation file is missing or
+    nothing is shared.
+
+    The examples are those every pass of every run has, in one order (the first run's first pass), so that
+    position i is the same prompt in every statistic and one count vector over prompts resamples them all.
+    """
     from kdcli.evaluation.metrics import exact_match, references_of, rouge_l, words
 
     rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]] = {}
@@ -310,28 +334,38 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
             if found is None:
                 result.notes.append(
                     f"{set_name}: {run.eval_dir / set_name / (label + '.jsonl')} is missing, so values come from "
-                    "results.json and no p-values are given. Re-run kd eval on that run to restore it."
+                    "results.json, with the spread over seeds only, and no p-values are given. Re-run kd eval on "
+                    "that run to restore it."
                 )
                 return None
             rows[run.label][label] = {row_key(row): row for row in found}
-    counts: list[int] = []
+    first = rows[have[0].label]
+    keys = [k for k in first[passes[0]] if all(k in rows[r.label][p] for r in have for p in passes)]
+    result.examples = len(keys)
+    _note_examples(result, rows, len(keys))
+    if not keys:
+        return None
+
+    judged = {(run.label, p): run.judge_scores(set_name, p) for run in have for p in passes}
+    # The judge has its own subset (the examples judged in both orders): the one every pass of every run has.
+    judge_keys = (
+        []
+        if any(scores is None for scores in judged.values())
+        else [k for k in keys if all(k[0] in scores for scores in judged.values() if scores is not None)]
+    )
+    if not judge_keys and judged and all(scores is not None for scores in judged.values()):
+        result.notes.append(
+            f"{set_name}: no example is judged in every pass of every run, so judge values come from results.json "
+            "and the judge gets no p-value."
+        )
+    elif judge_keys and len(judge_keys) < len(keys):
+        result.notes.append(
+            f"{set_name}: the judge score is compared on the {len(judge_keys)} examples judged in every pass of every "
+            f"run (of the {len(keys)} shared)."
+        )
     stats: Stats = {run.label: {} for run in have}
     for label in passes:
-        keys = [k for k in rows[have[0].label][label] if all(k in rows[r.label][label] for r in have)]
-        counts.append(len(keys))
-        biggest = max(len(rows[r.label][label]) for r in have)
-        if len(keys) < biggest and not any("examples they share" in note for note in result.notes):
-            result.notes.append(
-                f"{set_name}: the runs' example sets differ; compared on the {len(keys)} examples they share "
-                f"(of up to {biggest})."
-            )
-        judged = [run.judge_scores(set_name, label) for run in have]
-        judge_keys = (
-            []
-            if any(j is None for j in judged)
-            else [k for k in keys if all(k[0] in j for j in judged if j is not None)]
-        )
-        for run, scores in zip(have, judged, strict=True):
+        for run in have:
             picked = [rows[run.label][label][k] for k in keys]
             responses = [str(row.get("response", "")) for row in picked]
             per = stats[run.label]
@@ -345,11 +379,61 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
             tokenised = [words(text) for text in responses]
             per.setdefault("distinct_1", {})[label] = DistinctStat(tokenised, 1)
             per.setdefault("distinct_2", {})[label] = DistinctStat(tokenised, 2)
+            scores = judged[(run.label, label)]
             if scores is not None and judge_keys:
                 pairs = [scores[k[0]] for k in judge_keys]
                 per.setdefault("judge", {})[label] = RatioStat([m for m, _ in pairs], [r for _, r in pairs])
-    result.examples = min(counts) if counts else 0
     return stats
+
+
+def _note_examples(
+    result: SetComparison, rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]], shared: int
+) -> None:
+    """Say why fewer examples than the biggest pass file are compared: the runs differ, the passes do, or both."""
+    biggest = max(len(found) for per_pass in rows.values() for found in per_pass.values())
+    if shared == biggest:
+        return
+    first = next(iter(rows.values()))
+    runs_differ = any(found.keys() != first[p].keys() for per_pass in rows.values() for p, found in per_pass.items())
+    short: list[str] = []  # the passes that lack an example another pass of the same run has
+    for label, per_pass in rows.items():
+        union = set().union(*(found.keys() for found in per_pass.values()))
+        short += [f"{label} {p} ({len(found)})" for p, found in per_pass.items() if len(found) < len(union)]
+    why = []
+    if runs_differ:
+        why.append("the runs' example sets differ")
+    if short:
+        why.append(f"the passes of a run cover different examples ({', '.join(short)})")
+    if shared == 0:
+        result.notes.append(
+            f"{result.set}: {' and '.join(why)}, and no example is in every pass, so values come from results.json "
+            "and no p-values are given."
+        )
+        return
+    result.notes.append(
+        f"{result.set}: {' and '.join(why)}; compared on the {shared} examples they share (of up to {biggest}), the "
+        "same in every pass."
+    )
+
+
+def _bootstrap(stats: Stats, passes: list[str], resamples: int, seed: int) -> Draws:
+    """One prompt bootstrap per group of metrics over the same examples, every run's series drawn together.
+
+    Drawing all runs on the same resamples is what pairs a run with the baseline, and lets the runs' intervals be
+    read side by side. The judge covers its own subset of examples, so it is its own group.
+    """
+    draws: Draws = {}
+    metrics = list(dict.fromkeys(m for per in stats.values() for m in per))
+    for group in ([m for m in metrics if m != "judge"], [m for m in metrics if m == "judge"]):
+        # A metric a run lacks on some pass (the judge) is left to results.json for that run.
+        keys = [(label, m) for label, per in stats.items() for m in group if len(per.get(m, {})) == len(passes)]
+        if not keys:
+            continue
+        series = [[stats[label][m][p] for p in passes] for label, m in keys]
+        boot = prompt_bootstrap(series, resamples=resamples, seed=seed)
+        if boot is not None:
+            draws.update({key: (boot, k) for k, key in enumerate(keys)})
+    return draws
 
 
 def _per_pass_values(
@@ -366,25 +450,17 @@ def _per_pass_values(
     return [float(per_seed[p]) for p in passes if _number(per_seed.get(p)) is not None]
 
 
-def _test_against_baseline(result: SetComparison, stats: Stats, baseline: str, resamples: int, seed: int) -> None:
-    for label, per in stats.items():
-        if label == baseline:
-            continue
-        base = stats[baseline]
-        # The judge covers its own subset of examples (those judged in both orders for every run): its own test.
-        judge = ["judge"] if "judge" in per and "judge" in base else []
-        groups = [[m for m in per if m != "judge" and m in base], judge]
-        for metrics in groups:
-            if not metrics:
+def _test_against_baseline(result: SetComparison, draws: Draws, baseline: str) -> None:
+    for row in result.rows:
+        base = draws.get((baseline, row.metric))
+        for label, cell in row.cells.items():
+            mine = draws.get((label, row.metric))
+            if label == baseline or cell is None or base is None or mine is None or mine[0] is not base[0]:
                 continue
-            strata = [[(base[m][p], per[m][p]) for m in metrics] for p in result.passes]
-            tests = paired_bootstrap_many(strata, resamples=resamples, seed=seed)
-            for metric, test in zip(metrics, tests, strict=True):
-                row = next((r for r in result.rows if r.metric == metric), None)
-                cell = row.cells.get(label) if row else None
-                if cell is None or test is None:
-                    continue
-                cell.delta, cell.p_value, cell.significant = test.delta, test.p_value, test.significant
+            test = mine[0].paired(base[1], mine[1])
+            if test is not None:
+                cell.delta, cell.delta_ci95 = test.delta, test.ci95
+                cell.p_value, cell.significant = test.p_value, test.significant
 
 
 def _note_settings(result: SetComparison, entries: dict[str, dict[str, Any]]) -> None:

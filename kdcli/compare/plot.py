@@ -1,6 +1,6 @@
-"""`kd compare --plot out.png`: training loss curves, eval metrics as bars with 95 % CI whiskers, and the
-divergences' diagnostics over steps, in one PNG. matplotlib is imported here only, with the Agg backend, so
-`kd compare` without --plot and `kd --help` never load it."""
+"""`kd compare --plot out.png`: training loss curves, eval metrics as bars with whiskers at the 95 % interval
+over prompts, and the divergences' diagnostics over steps, in one PNG. matplotlib is imported here only, with the
+Agg backend, so `kd compare` without --plot and `kd --help` never load it."""
 
 from __future__ import annotations
 
@@ -76,17 +76,20 @@ def write_plot(comparison: Comparison, path: Path) -> Path:
         ax.legend(fontsize=8)
 
     for ax, (s, row) in zip(flat[1 + len(diagnostics) :], metric_panels, strict=False):
-        means, errors, names, bar_colors = [], [], [], []
+        means, below, above, names, bar_colors = [], [], [], [], []
         for label, color in zip(runs, colors, strict=True):
             cell = row.cells.get(label)
             if cell is not None and math.isfinite(cell.mean):
                 means.append(cell.mean)
-                errors.append(cell.ci95 or 0.0)
+                # The percentile interval need not be symmetric; a run without generation files has no whisker.
+                low, high = cell.ci95 or (cell.mean, cell.mean)
+                below.append(max(0.0, cell.mean - low))
+                above.append(max(0.0, high - cell.mean))
                 names.append(label)
                 bar_colors.append(color)
-        ax.bar(range(len(means)), means, yerr=errors, capsize=4, color=bar_colors)
+        ax.bar(range(len(means)), means, yerr=[below, above], capsize=4, color=bar_colors)
         ax.set_xticks(range(len(means)), names, rotation=20, ha="right", fontsize=8)
-        ax.set_title(f"{s.set} ({s.mode}): {row.title}, mean ± 95% CI", fontsize=9)
+        ax.set_title(f"{s.set} ({s.mode}): {row.title}, mean, 95% CI over prompts", fontsize=9)
 
     for ax in flat[panels:]:
         ax.set_visible(False)

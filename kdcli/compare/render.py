@@ -27,8 +27,10 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 
 def legend(comparison: Comparison) -> str:
     return (
-        f"mean ± 95% CI over seeds (Student t; none with one seed) · Δ against the baseline {comparison.baseline} · "
-        f"p: two-sided paired bootstrap over examples (same prompts and seeds, {comparison.resamples:,} resamples) · "
+        "mean over seeds [95% CI over prompts: percentile bootstrap, the prompts resampled once per draw for every "
+        "seed] · seeds ±: 95% Student t interval over the per-seed values (seed-to-seed spread only; none with one "
+        f"seed) · Δ run − baseline {comparison.baseline} [95% CI, same bootstrap] · p: two-sided paired bootstrap "
+        f"over prompts (one resample for both runs and every seed; {comparison.resamples:,} resamples) · "
         f"* p < 0.05, n.s. not significant · {BEST} best · ↑ higher is better, ↓ lower is better, no arrow: neither"
     )
 
@@ -65,16 +67,29 @@ def _p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
+def _signed(value: float, fmt: str) -> str:
+    return ("+" if value >= 0 else "−") + fmt.format(abs(value))
+
+
 def _mean_text(cell: MetricCell, fmt: str) -> str:
+    """The mean and its interval over prompts."""
     text = fmt.format(cell.mean)
-    return text + (f" ± {fmt.format(cell.ci95)}" if cell.ci95 is not None else "")
+    if cell.ci95 is not None:
+        text += f" [{fmt.format(cell.ci95[0])}, {fmt.format(cell.ci95[1])}]"
+    return text
+
+
+def _seeds_text(cell: MetricCell, fmt: str) -> str | None:
+    """The spread over seeds, kept apart from the interval over prompts: the two answer different questions."""
+    return None if cell.ci95_seeds is None else f"seeds ± {fmt.format(cell.ci95_seeds)}"
 
 
 def _delta_text(cell: MetricCell, fmt: str) -> str | None:
     if cell.delta is None:
         return None
-    sign = "+" if cell.delta >= 0 else "−"
-    text = f"Δ {sign}{fmt.format(abs(cell.delta))}"
+    text = f"Δ {_signed(cell.delta, fmt)}"
+    if cell.delta_ci95 is not None:
+        text += f" [{_signed(cell.delta_ci95[0], fmt)}, {_signed(cell.delta_ci95[1], fmt)}]"
     if cell.p_value is not None:
         text += f" {_p(cell.p_value)} " + ("*" if cell.significant else "n.s.")
     return text
@@ -159,6 +174,9 @@ def _eval_table(comparison: Comparison, s: SetComparison) -> Table:
             text = Text(_mean_text(cell, row.format) + (f" {BEST}" if cell.best else ""))
             if cell.best:
                 text.stylize("bold green")
+            seeds = _seeds_text(cell, row.format)
+            if seeds is not None:
+                text.append("\n" + seeds, style="dim")
             delta = _delta_text(cell, row.format)
             if delta is not None:
                 text.append("\n" + delta, style="bold" if cell.significant else "dim")
@@ -239,11 +257,11 @@ def to_markdown(comparison: Comparison) -> str:
                 if cell is None:
                     cells.append(MISSING)
                     continue
-                text = _mean_text(cell, row.format)
-                text = _bold(text, cell.best)
-                delta = _delta_text(cell, row.format)
+                text = _bold(_mean_text(cell, row.format), cell.best)
+                extra = [t for t in (_seeds_text(cell, row.format), _delta_text(cell, row.format)) if t is not None]
                 # A bare "*" would start emphasis in Markdown.
-                cells.append(f"{text} ({delta.replace('*', chr(92) + '*')})" if delta else text)
+                detail = "; ".join(extra).replace("*", chr(92) + "*")
+                cells.append(f"{text} ({detail})" if detail else text)
             rows.append([_title(row), *cells])
         header = ["metric", *[x + (" (baseline)" if x == comparison.baseline else "") for x in runs]]
         out.append(_md_table(header, rows))
@@ -295,8 +313,8 @@ def to_json(comparison: Comparison) -> str:
 
 
 CSV_COLUMNS = (
-    "section", "set", "mode", "key", "direction", "run", "value", "ci95", "seeds", "delta", "p_value",
-    "significant", "best",
+    "section", "set", "mode", "key", "direction", "run", "value", "ci95_low", "ci95_high", "ci95_seeds", "seeds",
+    "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "significant", "best",
 )  # fmt: skip
 
 
@@ -327,11 +345,16 @@ def to_csv(comparison: Comparison) -> str:
                 base = {"section": "evaluation", "set": s.set, "mode": s.mode, "key": mrow.metric, "run": label}
                 base["direction"] = mrow.direction
                 if cell is not None:
+                    ci, delta_ci = cell.ci95 or (None, None), cell.delta_ci95 or (None, None)
                     base.update(
                         value=_csv_number(cell.mean),
-                        ci95=_csv_number(cell.ci95),
+                        ci95_low=_csv_number(ci[0]),
+                        ci95_high=_csv_number(ci[1]),
+                        ci95_seeds=_csv_number(cell.ci95_seeds),
                         seeds=cell.seeds,
                         delta=_csv_number(cell.delta),
+                        delta_ci95_low=_csv_number(delta_ci[0]),
+                        delta_ci95_high=_csv_number(delta_ci[1]),
                         p_value=_csv_number(cell.p_value),
                         significant="" if cell.significant is None else cell.significant,
                         best=cell.best,

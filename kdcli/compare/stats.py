@@ -1,13 +1,22 @@
-"""The arithmetic of `kd compare`: a 95 % t confidence interval over seeds and a paired bootstrap over examples.
+"""The arithmetic of `kd compare`: a prompt-level bootstrap (intervals and paired tests) and a t interval over seeds.
+
+The bootstrap's unit is the prompt. A set is evaluated on S passes (seeds) of the same n prompts, and a prompt
+that one run answers well tends to be answered well under every seed: the seeds are repeated measures of a prompt,
+not S independent samples of prompts. So each resample draws the n prompts once, with replacement, as multinomial
+counts, and that one count vector is applied to every pass of every run. A run's resampled metric is the mean over
+its passes of the metric recomputed on the resample, exactly as `kd eval` reports a set; the percentile interval
+of those values is the metric's 95 % interval over prompts, and run − baseline on the same resamples gives the
+paired test and the delta's interval. (Redrawing every pass's prompts independently would count each prompt's
+advantage S times as if it were fresh evidence: p-values far too small, intervals too narrow.) Every statistic —
+a mean, a ratio of sums, corpus-level distinct-n — is a function of the count matrix, so it runs vectorised in
+numpy.
+
+The t interval over per-seed values measures something else: how much the score moves from seed to seed on these
+prompts. It says nothing about prompt sampling, so `kd compare` shows it beside the bootstrap interval, not in its
+place.
 
 No scipy: the t quantile comes from the regularised incomplete beta function (a continued fraction, as in
 Numerical Recipes §6.4), inverted by bisection, which is exact to ~1e-12 and costs microseconds.
-
-The bootstrap resamples examples, not seeds, because a handful of seeds cannot carry a test. It is paired (both
-runs see the same resampled prompts) and stratified by seed (each pass is resampled within itself, and the
-statistic is the mean over passes, exactly as `kd eval` reports a set). Resamples are drawn as multinomial counts
-per example, so every statistic (a mean, a ratio of sums, corpus-level distinct-n) is a function of a count
-matrix and runs vectorised in numpy.
 """
 
 from __future__ import annotations
@@ -190,69 +199,130 @@ def observed(stat: Statistic) -> float:
 # ------------------------------------------------------------------------------------------------ bootstrap
 
 
+def percentile_interval(
+    draws: np.ndarray, centre: float | None = None, level: float = 1.0 - ALPHA
+) -> tuple[float, float] | None:
+    """The central `level` percentile interval of bootstrap draws; None when no draw is finite (NaN draws, a ratio
+    with nothing under it, are left out).
+
+    With `centre` (the observed value) the interval is moved by the bootstrap's own estimate of its bias, the mean
+    of the draws − `centre`. For a mean over prompts that bias is zero up to Monte Carlo error, so this is the plain
+    percentile interval. It matters for corpus-level distinct-n: a resample repeats prompts, and a repeated answer
+    adds n-grams but no new distinct ones, which drags every resampled value down (by a quarter and more on a few
+    dozen prompts), so that the plain interval need not even contain the observed value.
+    """
+    finite = draws[np.isfinite(draws)]
+    if not finite.size:
+        return None
+    low, high = np.quantile(finite, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    shift = 0.0 if centre is None or not math.isfinite(centre) else float(finite.mean()) - centre
+    return float(low) - shift, float(high) - shift
+
+
 @dataclass(frozen=True)
 class BootstrapResult:
-    delta: float  # run − baseline, mean over strata
+    delta: float  # run − baseline, mean over passes
     p_value: float  # two-sided
     resamples: int
+    ci95: tuple[float, float] | None = None  # percentile interval of the resampled deltas, bias-centred
 
     @property
     def significant(self) -> bool:
         return self.p_value < ALPHA
 
 
+@dataclass(frozen=True)
+class PromptBootstrap:
+    """K series resampled together: `observed[k]` is series k's value (the mean over its passes of its statistic)
+    and `draws[k]` its B values on the same B resamples of prompts, so any two series can be paired."""
+
+    observed: np.ndarray  # [K]
+    draws: np.ndarray  # [K, B]
+
+    @property
+    def resamples(self) -> int:
+        return int(self.draws.shape[1])
+
+    def interval(self, k: int, level: float = 1.0 - ALPHA) -> tuple[float, float] | None:
+        """Percentile interval of series k over resamples of prompts (bias-centred: `percentile_interval`)."""
+        return percentile_interval(self.draws[k], float(self.observed[k]), level)
+
+    def paired(self, base: int, run: int) -> BootstrapResult | None:
+        """Two-sided test of series `run` − series `base`, paired through the shared resamples.
+
+        The p-value is that of the bootstrap distribution shifted to the null (Efron & Tibshirani 1993, §16.4):
+        p = (1 + #{|δ* − mean δ*| ≥ |δ̂|}) / (1 + B), which is never 0, as a p-value from B resamples should not
+        be. For a mean, mean δ* is δ̂ up to Monte Carlo error; centring on the draws' own mean keeps a statistic
+        that resampling biases (distinct-n) from reading its bias as evidence. None when δ̂ is not a number.
+        """
+        delta = float(self.observed[run] - self.observed[base])
+        if math.isnan(delta):
+            return None
+        boot = self.draws[run] - self.draws[base]
+        finite = boot[np.isfinite(boot)]
+        if not finite.size:
+            return None
+        centre = float(finite.mean())
+        # A relative tolerance so that resamples as far out as the observed difference up to rounding count.
+        extreme = np.abs(finite - centre) >= abs(delta) - 1e-9 * max(1.0, abs(delta))
+        p_value = float((1 + extreme.sum()) / (1 + finite.size))
+        return BootstrapResult(delta, p_value, self.resamples, percentile_interval(boot, delta))
+
+
+def prompt_bootstrap(
+    series: Sequence[Sequence[Statistic]],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> PromptBootstrap | None:
+    """Resample prompts once per draw and apply that draw to every pass of every series.
+
+    `series[k]` holds series k's statistic on each of its passes (a run's metric on each seed). Every statistic
+    must cover the same prompts in the same order: then one count vector over prompts is the same resample for
+    every pass and every run, which is what makes the seeds repeated measures of a prompt rather than fresh
+    evidence, and what pairs the runs. None when there is no series or no prompt.
+    """
+    series = [list(passes) for passes in series]
+    if not series:
+        return None
+    if any(not passes for passes in series):
+        raise ValueError("every series needs at least one pass")
+    n = series[0][0].size
+    if any(stat.size != n for passes in series for stat in passes):
+        raise ValueError("every statistic must cover the same prompts, aligned in one order")
+    if n == 0:
+        return None
+    observed_values = np.array([math.fsum(observed(stat) for stat in passes) / len(passes) for passes in series])
+    draws = np.zeros((len(series), resamples), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CELLS_PER_CHUNK // n)
+    probs = np.full(n, 1.0 / n)
+    for start in range(0, resamples, chunk):
+        counts = rng.multinomial(n, probs, size=min(chunk, resamples - start)).astype(np.float64)
+        stop = start + len(counts)
+        for k, passes in enumerate(series):
+            for stat in passes:
+                draws[k, start:stop] += stat(counts)
+    draws /= np.array([len(passes) for passes in series], dtype=np.float64)[:, None]
+    return PromptBootstrap(observed_values, draws)
+
+
 def paired_bootstrap(
-    strata: Iterable[tuple[Statistic, Statistic]],
+    passes: Iterable[tuple[Statistic, Statistic]],
     *,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> BootstrapResult | None:
-    """Two-sided paired bootstrap test of `run − baseline`, stratified by pass.
+    """Two-sided paired bootstrap test of `run − baseline` over prompts, with the passes as repeated measures.
 
-    Each stratum is (baseline statistic, run statistic) over the same examples in the same order. Per resample,
-    every stratum's examples are redrawn with replacement (the same draw for both runs: the pairing), and the
-    difference is the mean over strata. The p-value is that of the shifted bootstrap distribution (Efron &
-    Tibshirani 1993, §16.4): p = (1 + #{|δ* − δ̂| ≥ |δ̂|}) / (1 + B), which is never 0, as a p-value from B
-    resamples should not be. None when no stratum has examples.
+    Each pass is a (baseline statistic, run statistic) pair, and every statistic of every pass covers the same
+    prompts in the same order (a ValueError otherwise). Per resample, the prompts are redrawn with replacement
+    once, and that draw serves both runs (the pairing) and every pass (prompts, not (prompt, seed) pairs, are the
+    independent units); the difference is the mean over passes. See `PromptBootstrap.paired` for the p-value.
+    None when there are no passes or no prompts.
     """
-    return paired_bootstrap_many([[pair] for pair in strata], resamples=resamples, seed=seed)[0]
-
-
-def paired_bootstrap_many(
-    strata: Sequence[Sequence[tuple[Statistic, Statistic]]],
-    *,
-    resamples: int = DEFAULT_RESAMPLES,
-    seed: int = DEFAULT_SEED,
-) -> list[BootstrapResult | None]:
-    """`paired_bootstrap` for K metrics at once: `strata[s][k]` is metric k's (baseline, run) pair in stratum s,
-    all over that stratum's examples. One draw of counts per stratum serves every metric, which is where the time
-    goes."""
-    k = max((len(pairs) for pairs in strata), default=1)
-    strata = [pairs for pairs in strata if pairs and pairs[0][0].size]
-    if not strata:
-        return [None] * k
-    rng = np.random.default_rng(seed)
-    deltas = np.array([[observed(b) - observed(a) for a, b in pairs] for pairs in strata]).mean(axis=0)
-    boot = np.zeros((k, resamples), dtype=np.float64)
-    for pairs in strata:
-        n = pairs[0][0].size
-        if any(a.size != n or b.size != n for a, b in pairs):
-            raise ValueError("every statistic of a stratum must cover the same examples")
-        chunk = max(1, _CELLS_PER_CHUNK // n)
-        probs = np.full(n, 1.0 / n)
-        for start in range(0, resamples, chunk):
-            counts = rng.multinomial(n, probs, size=min(chunk, resamples - start)).astype(np.float64)
-            for j, (base, run) in enumerate(pairs):
-                boot[j, start : start + len(counts)] += run(counts) - base(counts)
-    boot /= len(strata)
-    results: list[BootstrapResult | None] = []
-    for j in range(k):
-        delta = float(deltas[j])
-        if np.isnan(delta):
-            results.append(None)
-            continue
-        # A relative tolerance so that resamples equal to the observed difference up to rounding count as extreme.
-        extreme = np.abs(boot[j] - delta) >= abs(delta) - 1e-9 * max(1.0, abs(delta))
-        extreme &= ~np.isnan(boot[j])
-        results.append(BootstrapResult(delta, float((1 + extreme.sum()) / (1 + resamples)), resamples))
-    return results
+    pairs = list(passes)
+    if not pairs:
+        return None
+    boot = prompt_bootstrap([[a for a, _ in pairs], [b for _, b in pairs]], resamples=resamples, seed=seed)
+    return None if boot is None else boot.paired(0, 1)
