@@ -207,10 +207,9 @@ def make_batch(case: str = "random", *, b: int = 3, t: int = 7, v: int = 23, see
 
 def lib_value_grad(name, params, s, teacher, y, **call):
     s = s.detach().clone().requires_grad_(True)
-    fn = get_loss(name, **params)
-    loss = fn(s, teacher, y, **call)
+    loss, stats = get_loss(name, **params).compute(s, teacher, y, **call)
     loss.backward()
-    return loss.detach(), s.grad, fn.last_stats
+    return loss.detach(), s.grad, stats
 
 
 def ref_value_grad(fn, s, *args, **kwargs):
@@ -747,3 +746,78 @@ def test_bad_num_valid() -> None:
     s, t, y = make_batch()
     with pytest.raises(ValueError, match="num_valid"):
         get_loss("fkl")(s, t, y, num_valid=0)
+
+
+def test_compute_returns_loss_and_stats() -> None:
+    """`compute` gives the loss and the call's stats; calling the loss gives the same loss (no stats on the object)."""
+    s, t, y = make_batch(seed=71)
+    fn = get_loss("akl")
+    x = s.clone().requires_grad_(True)
+    out = fn.compute(x, t, y)
+    out.loss.backward()
+    xc = s.clone().requires_grad_(True)
+    called = fn(xc, t, y)
+    called.backward()
+    assert torch.equal(out.loss.detach(), called.detach()) and torch.equal(x.grad, xc.grad)
+    assert set(out.stats) == {"valid_positions", "akl_head_weight"}
+    assert out.stats["valid_positions"] == float((y != -100).sum())
+    assert all(type(v) is float for v in out.stats.values())
+    with torch.no_grad():
+        loss, stats = fn.compute(s, SparseTeacher.from_logits(t, y, k=4), y)
+    assert not loss.requires_grad and "teacher_mass_covered" in stats
+    assert not hasattr(fn, "last_stats")
+
+
+def test_defaults_come_from_the_registry() -> None:
+    """The classes state no defaults; `get_loss` fills them from the spec, the one source."""
+    import inspect
+
+    for name, spec in LOSSES.items():
+        sig = inspect.signature(spec.cls.__init__)
+        assert all(p.default is inspect.Parameter.empty for p in sig.parameters.values()), name
+        assert set(spec.params) == {p for p in sig.parameters if p != "self"}, name
+        assert spec.build().params == dict(spec.params)
+
+
+def test_tail_sensitive() -> None:
+    from kdcli.losses import is_tail_sensitive
+
+    assert [n for n in LOSSES if is_tail_sensitive(n)] == ["rkl", "akl"]
+    assert all(is_tail_sensitive(n) == spec.cls.tail_sensitive for n, spec in LOSSES.items())
+    assert not is_tail_sensitive("nope")
+
+
+def test_sizing_covers_every_divergence() -> None:
+    """Each divergence's work figure lives in kdcli.losses.sizing, and the loss object sizes its chunks by it."""
+    from kdcli.losses import sizing
+
+    assert set(sizing.DENSE_WORK) == set(LOSSES)
+    assert dict(sizing.DENSE_WORK) == {"fkl": 8, "rkl": 8, "skl": 9, "srkl": 9, "js": 8, "tvd": 7, "akl": 8, "atkd": 8}
+    budgets = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20, "mps": 128 * 2**20}
+    n, v = 10**6, 49152
+    for name in LOSSES:
+        fn = get_loss(name)
+        for device, budget in budgets.items():
+            for dtype, elem in ((torch.float32, 4), (F64, 8)):
+                for sparse in (False, True):
+                    w = sizing.SPARSE_WORK if sparse else sizing.DENSE_WORK[name]
+                    want = budget // (v * elem * w)
+                    assert fn.chunk_rows(n, v, torch.device(device), dtype, sparse) == want
+        assert fn.chunk_rows(5, v, torch.device("cpu"), torch.float32, False) == 5
+    assert get_loss("fkl", chunk_size=7).chunk_rows(n, v, torch.device("cuda"), torch.float32, True) == 7
+    assert sizing.dense_work("custom") == sizing.DEFAULT_DENSE_WORK
+
+
+def test_package_and_sizing_import_no_torch() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, kdcli.losses, kdcli.losses.sizing; assert 'torch' not in sys.modules, 'torch'; "
+        "kdcli.losses.get_loss('fkl'); assert 'torch' in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo, env=env)

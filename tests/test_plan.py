@@ -256,3 +256,14 @@ def test_cli_plan_bad_input_is_one_line_exit_2(tiny_teacher: Path, tmp_path: Pat
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_planning_imports_no_torch() -> None:
+    """`kd plan`'s formulas share the losses' chunk sizing (kdcli.losses.sizing) without loading torch."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "import sys, kdcli.plan, kdcli.plan.memory; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})

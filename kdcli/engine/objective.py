@@ -32,7 +32,7 @@ class Objective:
     def __init__(self, cfg: LossConfig) -> None:
         self.cfg = cfg
         self.divergence = get_loss(cfg.divergence, **cfg.params)
-        temperature = float(cfg.params.get("temperature", 1.0))
+        temperature = self.divergence.temperature  # as validated, defaults from the registry
         # Hinton's T^2 keeps the divergence's gradient scale independent of the temperature.
         self.kd_scale = temperature**2 if cfg.scale_by_t2 else 1.0
 
@@ -55,8 +55,8 @@ class Objective:
         if kd_ratio > 0.0:
             # An empty window has no count to divide by; the divergence then falls back to this call's own N = 0,
             # which gives its zero loss, zero gradient and zero stats instead of refusing num_valid = 0.
-            kd = self.divergence(student_logits, teacher, labels, num_valid=count if count > 0 else None)
-            stats = dict(getattr(self.divergence, "last_stats", {}) or {})
+            out = self.divergence.compute(student_logits, teacher, labels, num_valid=count if count > 0 else None)
+            kd, stats = out.loss, dict(out.stats)
         else:
             kd, stats = _zero(student_logits), {}
         total = (1.0 - kd_ratio) * ce + kd_ratio * self.kd_scale * kd

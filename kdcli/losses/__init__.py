@@ -4,20 +4,30 @@
     loss_fn = get_loss("akl", mu=0.5)
     loss = loss_fn(student_logits, teacher_logits_or_SparseTeacher, labels)            # mean over valid positions
     loss = loss_fn(student_logits, teacher, labels, num_valid=n_window)                # accumulation window
-    loss_fn.last_stats                                                                  # diagnostics, plain floats
+    loss, stats = loss_fn.compute(student_logits, teacher, labels)                      # with diagnostics (floats)
 
 Definitions follow docs/methods.md exactly; the loss is the true divergence (not × T²).
+
+Layout: `kernel` is what a divergence author reads (the kernel contract, its types and helpers, the base class);
+each divergence module (`kl`, `skew`, `js`, `tvd`, `akl`, `atkd`) is only its math; `driver` owns chunking, sparse
+bucketing and autograd; `sizing` holds the chunk-size figures (torch-free, read by `kd plan`); `registry` holds the
+specs and their defaults. Names are loaded on first use, so importing this package (or `sizing`) loads no torch.
 """
 
-from ._chunked import ChunkedDivergence, LossConfigError
-from .akl import AdaptiveKL
-from .atkd import AdaptiveTeaching
-from .js import JensenShannon
-from .kl import ForwardKL, ReverseKL
-from .registry import LOSSES, LossSpec, get_loss
-from .skew import SkewForwardKL, SkewReverseKL
-from .sparse import IGNORE_INDEX, SparseTeacher
-from .tvd import TotalVariation
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdcli.losses.akl import AdaptiveKL
+    from kdcli.losses.atkd import AdaptiveTeaching
+    from kdcli.losses.js import JensenShannon
+    from kdcli.losses.kernel import ChunkedDivergence, LossConfigError, LossOutput
+    from kdcli.losses.kl import ForwardKL, ReverseKL
+    from kdcli.losses.registry import LOSSES, LossSpec, get_loss, is_tail_sensitive
+    from kdcli.losses.skew import SkewForwardKL, SkewReverseKL
+    from kdcli.losses.sparse import IGNORE_INDEX, SparseTeacher
+    from kdcli.losses.tvd import TotalVariation
 
 __all__ = [
     "IGNORE_INDEX",
@@ -28,6 +38,7 @@ __all__ = [
     "ForwardKL",
     "JensenShannon",
     "LossConfigError",
+    "LossOutput",
     "LossSpec",
     "ReverseKL",
     "SkewForwardKL",
@@ -35,4 +46,37 @@ __all__ = [
     "SparseTeacher",
     "TotalVariation",
     "get_loss",
+    "is_tail_sensitive",
 ]
+
+_WHERE = {
+    "AdaptiveKL": "akl",
+    "AdaptiveTeaching": "atkd",
+    "JensenShannon": "js",
+    "ChunkedDivergence": "kernel",
+    "LossConfigError": "kernel",
+    "LossOutput": "kernel",
+    "ForwardKL": "kl",
+    "ReverseKL": "kl",
+    "LOSSES": "registry",
+    "LossSpec": "registry",
+    "get_loss": "registry",
+    "is_tail_sensitive": "registry",
+    "SkewForwardKL": "skew",
+    "SkewReverseKL": "skew",
+    "IGNORE_INDEX": "sparse",
+    "SparseTeacher": "sparse",
+    "TotalVariation": "tvd",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"kdcli.losses.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'kdcli.losses' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ._chunked import Buckets, ChunkedDivergence, KernelOut, check_float, rowdot
+from .kernel import Buckets, ChunkedDivergence, KernelOut, check_float, rowdot
 
 AKL_TOPK = 32
 
@@ -86,9 +86,9 @@ class AdaptiveKL(ChunkedDivergence):
     name: ClassVar[str] = "akl"
     param_names: ClassVar[tuple[str, ...]] = ("mu",)
     stat_names: ClassVar[tuple[str, ...]] = ("akl_head_weight",)
-    dense_work: ClassVar[int] = 8
+    tail_sensitive: ClassVar[bool] = True
 
-    def __init__(self, *, mu: float = 0.5, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+    def __init__(self, *, mu: float, temperature: float, chunk_size: int | None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size)
         self.mu = check_float(self.name, "mu", mu, 0.0, 1.0, lo_open=True, hi_open=False)
 

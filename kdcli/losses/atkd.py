@@ -27,13 +27,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ._chunked import (
+from .kernel import (
     Buckets,
     ChunkedDivergence,
     KernelOut,
     LossConfigError,
     RowPlan,
-    _Rows,
+    Rows,
     check_float,
     rowdot,
     safe_log,
@@ -54,16 +54,15 @@ class AdaptiveTeaching(ChunkedDivergence):
     param_names: ClassVar[tuple[str, ...]] = ("k", "lam", "base")
     stat_names: ClassVar[tuple[str, ...]] = ("atkd_hard_fraction", "atkd_teacher_uncertainty")
     needs_target: ClassVar[bool] = True
-    dense_work: ClassVar[int] = 8
 
     def __init__(
         self,
         *,
-        k: float = 0.5,
-        lam: float = 0.2,
-        base: str = "fkl",
-        temperature: float = 1.0,
-        chunk_size: int | None = None,
+        k: float,
+        lam: float,
+        base: str,
+        temperature: float,
+        chunk_size: int | None,
     ) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size)
         self.k = check_float(self.name, "k", k, 0.0, 1.0, lo_open=False, hi_open=False)
@@ -74,7 +73,7 @@ class AdaptiveTeaching(ChunkedDivergence):
 
     def plan(
         self,
-        rows: _Rows,
+        rows: Rows,
         teacher: Tensor | SparseTeacher,
         labels: Tensor,
         vocab: int,

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from ._chunked import Buckets, ChunkedDivergence, KernelOut, check_float, rowdot, safe_log
+from .kernel import Buckets, ChunkedDivergence, KernelOut, check_float, rowdot, safe_log
 
 
 class JensenShannon(ChunkedDivergence):
@@ -20,9 +20,8 @@ class JensenShannon(ChunkedDivergence):
 
     name: ClassVar[str] = "js"
     param_names: ClassVar[tuple[str, ...]] = ("beta",)
-    dense_work: ClassVar[int] = 8
 
-    def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+    def __init__(self, *, beta: float, temperature: float, chunk_size: int | None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size)
         self.beta = check_float(self.name, "beta", beta, 0.0, 1.0, lo_open=True, hi_open=True)
 

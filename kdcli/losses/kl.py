@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ._chunked import Buckets, ChunkedDivergence, KernelOut, rowdot
+from .kernel import Buckets, ChunkedDivergence, KernelOut, rowdot
 
 
 class ForwardKL(ChunkedDivergence):
@@ -29,6 +29,7 @@ class ReverseKL(ChunkedDivergence):
     """KL(q‖p): mode-seeking; MiniLLM's objective (token level)."""
 
     name: ClassVar[str] = "rkl"
+    tail_sensitive: ClassVar[bool] = True
 
     def kernel(self, b: Buckets, need_grad: bool) -> KernelOut:
         d = b.logq.sub_(b.logp)

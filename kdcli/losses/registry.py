@@ -1,4 +1,8 @@
-"""The divergence registry: one spec per name, parameter validation, and `get_loss`."""
+"""The divergence registry: one spec per name, parameter validation, and `get_loss`.
+
+It is the one source of parameter defaults: the divergence classes take every parameter as a required keyword, and
+`get_loss` fills in what the caller leaves out from the spec (what `kd losses` shows).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from ._chunked import ChunkedDivergence, LossConfigError
 from .akl import AdaptiveKL
 from .atkd import AdaptiveTeaching
 from .js import JensenShannon
+from .kernel import ChunkedDivergence, LossConfigError
 from .kl import ForwardKL, ReverseKL
 from .skew import SkewForwardKL, SkewReverseKL
 from .tvd import TotalVariation
@@ -106,4 +110,11 @@ def get_loss(name: str, **params: Any) -> ChunkedDivergence:
             hint = difflib.get_close_matches(key, list(spec.params), n=1, cutoff=0.6)
             did = f"; did you mean '{hint[0]}'?" if hint else ";"
             raise LossConfigError(f"unknown parameter {key!r} for {name!r}{did} valid: {valid}")
-    return spec.cls(**params)
+    return spec.cls(**{**spec.params, **params})
+
+
+def is_tail_sensitive(name: str) -> bool:
+    """Whether the divergence `name` trains differently from a top-K cache than online while the student is far from
+    its teacher (its tail bucket hides what the divergence weighs; docs/cache.md). False for an unknown name."""
+    spec = LOSSES.get(name)
+    return spec is not None and spec.cls.tail_sensitive

@@ -15,14 +15,13 @@ from typing import ClassVar
 
 import torch
 
-from ._chunked import Buckets, ChunkedDivergence, KernelOut, check_float, rowdot, safe_log
+from .kernel import Buckets, ChunkedDivergence, KernelOut, check_float, rowdot, safe_log
 
 
 class _Skew(ChunkedDivergence):
     param_names: ClassVar[tuple[str, ...]] = ("alpha",)
-    dense_work: ClassVar[int] = 9
 
-    def __init__(self, *, alpha: float = 0.1, temperature: float = 1.0, chunk_size: int | None = None) -> None:
+    def __init__(self, *, alpha: float, temperature: float, chunk_size: int | None) -> None:
         super().__init__(temperature=temperature, chunk_size=chunk_size)
         self.alpha = check_float(self.name, "alpha", alpha, 0.0, 1.0, lo_open=False, hi_open=True)
 

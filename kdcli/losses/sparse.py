@@ -3,7 +3,7 @@
 The cache keeps, per position, the teacher's top-K token ids and log-probabilities, the log-probability of the
 label token (whether or not it is in the top K) and the tail mass r = 1 − Σ_topK p. The losses then work on the
 coarsened distribution with buckets {top-K tokens, label token if outside the top K, everything else}; see
-`kdcli.losses._chunked` for how the student is coarsened the same way.
+`kdcli.losses.driver` for how the student is coarsened the same way.
 
 Convention: the stored log-probabilities are those of the *already tempered* teacher, p = softmax(z_t / T), with T
 the cache's temperature. The loss applies its temperature to the student only, so a cache must be read with a loss

@@ -1,7 +1,7 @@
 """Total variation distance: D = ½ Σ_v |p_v − q_v|.
 
 Not differentiable where p_v = q_v; kd uses the subgradient sign(0) = 0, as autograd of abs does:
-∂D/∂q_v = ½ sign(q_v − p_v), so h = ∂D/∂log q = ½ q ⊙ sign(q − p), projected through the softmax by the engine.
+∂D/∂q_v = ½ sign(q_v − p_v), so h = ∂D/∂log q = ½ q ⊙ sign(q − p), projected through the softmax by the driver.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from typing import ClassVar
 
 import torch
 
-from ._chunked import Buckets, ChunkedDivergence, KernelOut
+from .kernel import Buckets, ChunkedDivergence, KernelOut
 
 
 class TotalVariation(ChunkedDivergence):
     """½ ‖p − q‖₁."""
 
     name: ClassVar[str] = "tvd"
-    dense_work: ClassVar[int] = 7
 
     def kernel(self, b: Buckets, need_grad: bool) -> KernelOut:
         diff = torch.sub(b.q, b.p, out=b.p)

@@ -10,15 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kdcli.losses import sizing
 from kdcli.plan.configs import ModelShape
 
 Device = Literal["cpu", "cuda"]
-
-# kd's chunked losses (kdcli/losses/_chunked.py): rows per chunk = budget // (V · 4 B · dense_work), so one chunk's
-# working set is at most the budget. Duplicated here (not imported) so that planning does not import torch.
-CHUNK_BUDGET = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
-DENSE_WORK = {"tvd": 7, "skl": 9, "srkl": 9}  # [rows, V] fp32 buffers per chunk; 8 for every other divergence
-SPARSE_WORK = 4
 
 # The naive dense implementations of bench/losses.py keep this many fp32 [B·T, V] tensors alive at their peak
 # besides the logit gradient: fkl/rkl/tvd log-softmaxes of both sides, p, the difference and the product; the
@@ -192,11 +187,9 @@ class Logits:
 
 
 def chunk_rows(rows: int, vocab: int, divergence: str, device: Device, sparse: bool, chunk_size: int | None) -> int:
-    """As `ChunkedDivergence.chunk_rows` (fp32 compute)."""
-    if chunk_size is not None:
-        return max(1, min(rows, chunk_size))
-    work = SPARSE_WORK if sparse else DENSE_WORK.get(divergence, 8)
-    return max(1, min(rows, CHUNK_BUDGET[device] // (vocab * 4 * work)))
+    """As `ChunkedDivergence.chunk_rows` (fp32 compute): the same rule and figures, from the torch-free
+    `kdcli.losses.sizing` (budget // (V · 4 B · work), so one chunk's working set is at most the budget)."""
+    return sizing.chunk_rows(rows, vocab, divergence, device_type=device, sparse=sparse, chunk_size=chunk_size)
 
 
 def logits_memory(vocab: int, s: Settings) -> Logits:
@@ -204,7 +197,7 @@ def logits_memory(vocab: int, s: Settings) -> Logits:
     elem = 2 if s.precision == "bf16" else 4
     sparse = s.cache_k is not None
     rows = chunk_rows(n, vocab, s.divergence, s.device, sparse, s.chunk_size)
-    work = SPARSE_WORK if sparse else DENSE_WORK.get(s.divergence, 8)
+    work = sizing.work(s.divergence, sparse)
     uses_kd = s.kd_ratio > 0
     return Logits(
         student=n * vocab * elem,

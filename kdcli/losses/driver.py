@@ -1,0 +1,320 @@
+"""The driver every divergence shares: row chunking, a hand-written backward, and sparse-teacher bucketing.
+
+Why this exists: a naive distillation loss upcasts the whole [B·T, V] student and teacher logits to float32 and
+keeps several such tensors (softmaxes, log-softmaxes, products) alive for autograd. At V = 128k that is gigabytes
+per tensor. Here the valid rows are processed a chunk at a time; each chunk computes its loss contribution *and*
+its closed-form gradient with respect to the student logits, which is written straight into a buffer of the
+student's dtype. Backward then only scales that buffer. Peak extra memory is the gradient buffer (which autograd
+would allocate anyway) plus one chunk's working set (rows per chunk: `kdcli.losses.sizing`).
+
+A divergence only supplies its kernel on bucket distributions (the contract, the softmax Jacobian that turns its
+h = ∂D/∂log q into the logit gradient, and the numerics are in `kdcli.losses.kernel`). Per chunk, `dense_chunk`
+builds the buckets from dense teacher logits (the V tokens) and `sparse_chunk` from a cached teacher ({top-K
+tokens, label token, tail}); `run` validates the inputs, reduces the chunks and hands the gradient to autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .kernel import Buckets, ChunkedDivergence, LossConfigError, LossOutput, Rows, clamp_log_, compute_dtype, rowdot
+from .sparse import SparseTeacher
+
+# ------------------------------------------------------------------------------------------- chunk functions
+
+
+def logsumexp_rows(x: Tensor) -> Tensor:
+    """Row logsumexp; −inf for an all −inf row (no NaN). Faster than torch.logsumexp on CPU."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (x - m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+
+
+def _tempered_log_softmax(x: Tensor, cdtype: torch.dtype, temperature: float) -> tuple[Tensor, Tensor]:
+    """(clamped log-softmax, softmax) of x / T in the compute dtype.
+
+    One upcast per chunk (passing dtype= to both softmaxes would cast twice). The softmax is its own kernel on CPU,
+    where it is cheaper than exp(log-softmax); on GPUs, where every pass costs memory bandwidth, exp is cheaper.
+    """
+    y = x.to(cdtype)
+    if temperature != 1.0:
+        y = y.div_(temperature) if y is not x else y / temperature
+    logp = torch.log_softmax(y, dim=-1)
+    p = torch.softmax(y, dim=-1) if y.device.type == "cpu" else torch.exp(logp)
+    return clamp_log_(logp), p
+
+
+def dense_chunk(
+    div: ChunkedDivergence,
+    s_rows: Tensor,
+    t_rows: Tensor,
+    y_rows: Tensor,
+    hard: Tensor | None,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """One chunk against dense teacher logits: (per-row D, ∂D/∂(z_s/T) or None, stat sums)."""
+    cdtype = compute_dtype(s_rows.dtype)
+    logq, q = _tempered_log_softmax(s_rows, cdtype, div.temperature)
+    logp, p = _tempered_log_softmax(t_rows, cdtype, div.temperature)
+    target = y_rows.to(torch.int64) if div.needs_target else None
+    out = div.kernel(Buckets(p=p, q=q, logp=logp, logq=logq, target=target, hard=hard), need_grad)
+    if not need_grad:
+        return out.loss, None, out.stats
+    assert out.h is not None
+    h = out.h
+    # Softmax Jacobian: ∂D/∂x = h − q Σh.
+    grad = h.addcmul_(q, h.sum(dim=-1, keepdim=True), value=-1.0)
+    return out.loss, grad, out.stats
+
+
+def sparse_chunk(
+    div: ChunkedDivergence,
+    s_rows: Tensor,
+    ids: Tensor,
+    topk_lp: Tensor,
+    label_lp: Tensor,
+    tail_mass: Tensor,
+    y_rows: Tensor,
+    hard: Tensor | None,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """One chunk against a cached teacher, on buckets [top-K..., label-if-outside, tail] (M = K + 2)."""
+    cdtype = compute_dtype(s_rows.dtype)
+    neg_inf = float("-inf")
+    x = s_rows.to(cdtype)
+    if x is s_rows:  # x is modified in place below; never write into the caller's logits
+        x = x.clone()
+    if div.temperature != 1.0:
+        x.div_(div.temperature)
+    k = int(ids.shape[1])
+    ids = ids.to(torch.int64)
+    y = y_rows.to(torch.int64).unsqueeze(1)
+
+    lse = logsumexp_rows(x).unsqueeze(1)
+    x_top = x.gather(1, ids)
+    x_lab = x.gather(1, y)
+    in_top = ids == y
+    has = in_top.any(dim=1, keepdim=True)
+    pos = in_top.to(torch.uint8).argmax(dim=1)
+    # The tail is everything but the top K and the label; its log-mass via logsumexp keeps a tiny tail precise.
+    x.scatter_(1, ids, neg_inf)
+    x.scatter_(1, y, neg_inf)
+    lse_tail = logsumexp_rows(x).unsqueeze(1)
+
+    logq = torch.cat([x_top - lse, torch.where(has, neg_inf, x_lab - lse), lse_tail - lse], dim=1)
+    q = torch.exp(logq)
+    clamp_log_(logq)
+
+    lab = label_lp.to(cdtype).unsqueeze(1)
+    p_lab = torch.where(has, 0.0, lab.exp())
+    p_tail = (tail_mass.to(cdtype).unsqueeze(1) - p_lab).clamp_min_(0.0)
+    logp = torch.cat([topk_lp.to(cdtype), torch.where(has, neg_inf, lab), torch.log(p_tail)], dim=1)
+    p = torch.exp(logp)
+    clamp_log_(logp)
+
+    target = torch.where(has.squeeze(1), pos, k) if div.needs_target else None
+    out = div.kernel(Buckets(p=p, q=q, logp=logp, logq=logq, target=target, hard=hard, ranked=k), need_grad)
+    if not need_grad:
+        return out.loss, None, out.stats
+    assert out.h is not None
+    h = out.h
+    coef = h.addcmul_(q, h.sum(dim=-1, keepdim=True), value=-1.0)  # ∂D/∂x for singleton buckets
+    # Tail tokens: ∂D/∂x_v = r_v · coef_tail with r_v = exp(x_v − lse_tail), the token's share of the tail.
+    safe_tail = torch.where(torch.isfinite(lse_tail), lse_tail, torch.zeros_like(lse_tail))
+    grad = x.sub_(safe_tail).exp_().mul_(coef[:, k + 1 : k + 2])
+    grad.scatter_add_(1, ids, coef[:, :k])
+    grad.scatter_add_(1, y, torch.where(has, 0.0, coef[:, k : k + 1]))
+    return out.loss, grad, out.stats
+
+
+ChunkFn = Callable[..., tuple[Tensor, Tensor | None, dict[str, Tensor]]]
+ChunkFns = tuple[ChunkFn, ChunkFn]  # (dense, sparse)
+
+
+def compile_chunk_fns(**compile_kwargs: Any) -> ChunkFns:
+    """`dense_chunk` and `sparse_chunk` wrapped in torch.compile (what `ChunkedDivergence.compile` installs)."""
+    return torch.compile(dense_chunk, **compile_kwargs), torch.compile(sparse_chunk, **compile_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class _Job:
+    div: ChunkedDivergence
+    teacher: Tensor | SparseTeacher
+    labels: Tensor
+    num_valid: float | None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _run(job: _Job, student: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    div = job.div
+    dense_fn, sparse_fn = div.chunk_fns if div.chunk_fns is not None else (dense_chunk, sparse_chunk)
+    vocab = int(student.shape[-1])
+    cdtype = compute_dtype(student.dtype)
+    out_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+    rows = Rows(job.labels)
+    n = rows.n
+    sparse = isinstance(job.teacher, SparseTeacher)
+    stats: dict[str, float] = {"valid_positions": float(n)}
+    job.stats = stats
+
+    grad: Tensor | None = None
+    if need_grad:
+        # Every valid row is overwritten, so zero-filling is only needed when some rows are masked.
+        alloc = torch.empty if n == rows.total else torch.zeros
+        grad = alloc((rows.total, vocab), dtype=student.dtype, device=student.device)
+    if n == 0:
+        stats.update(dict.fromkeys(div.stat_names, 0.0))
+        if sparse:
+            stats["teacher_mass_covered"] = 0.0
+        return torch.zeros((), dtype=out_dtype, device=student.device), grad
+
+    denom = float(job.num_valid) if job.num_valid is not None else float(n)
+    chunk = div.chunk_rows(n, vocab, student.device, cdtype, sparse)
+    plan = div.plan(rows, job.teacher, job.labels, vocab, cdtype, denom, chunk)
+    stats.update(plan.stats)
+
+    take_s = rows.source(student.detach())
+    take_y = rows.source(job.labels)
+    if sparse:
+        teacher = job.teacher
+        assert isinstance(teacher, SparseTeacher)
+        take_ids = rows.source(teacher.topk_ids)
+        take_lps = rows.source(teacher.topk_logprobs)
+        take_lab = rows.source(teacher.label_logprob)
+        take_tail = rows.source(teacher.tail_mass)
+        covered = 1.0 - take_tail(rows.whole()).to(torch.float64)
+        stats["teacher_mass_covered"] = float(covered.mean())
+    else:
+        assert isinstance(job.teacher, Tensor)
+        take_t = rows.source(job.teacher.detach())
+
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
+    sums: dict[str, Tensor] = {}
+    for c in rows.chunks(chunk):
+        hard = plan.hard[c.lo : c.hi] if plan.hard is not None else None
+        if sparse:
+            loss_rows, g, st = sparse_fn(
+                div,
+                take_s(c),
+                take_ids(c),
+                take_lps(c),
+                take_lab(c),
+                take_tail(c),
+                take_y(c),
+                hard,
+                need_grad,
+            )
+        else:
+            loss_rows, g, st = dense_fn(div, take_s(c), take_t(c), take_y(c), hard, need_grad)
+        scale: float | Tensor
+        if isinstance(plan.weight, Tensor):
+            w = plan.weight[c.lo : c.hi]
+            total += rowdot(loss_rows.to(torch.float64), w.to(torch.float64))
+            scale = (w / div.temperature).unsqueeze(1)
+        else:
+            total += loss_rows.sum(dtype=torch.float64) * plan.weight
+            scale = plan.weight / div.temperature
+        if g is not None:
+            assert grad is not None
+            rows.put(grad, c, g, scale)
+        for key, val in st.items():
+            sums[key] = sums[key] + val.to(torch.float64) if key in sums else val.to(torch.float64)
+    if sums:
+        names = list(sums)
+        for key, val in zip(names, torch.stack([sums[k] for k in names]).div_(n).tolist(), strict=True):
+            stats[key] = float(val)
+    return total.to(out_dtype), grad
+
+
+class _ChunkedLossFunction(torch.autograd.Function):
+    """Forward computes loss and gradient chunk by chunk; backward hands the stored gradient to autograd."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, job: _Job) -> Tensor:  # type: ignore[override]
+        loss, grad = _run(job, student, need_grad=True)
+        assert grad is not None
+        ctx.grad = grad.view(student.shape)  # a contiguous gradient, whatever the student's strides
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "kd losses hand their gradient buffer to autograd on the first backward; "
+                "backward through the same loss twice (retain_graph=True) is not supported — recompute the loss"
+            )
+        # Drop our reference so autograd can take the buffer as .grad without a copy.
+        ctx.grad = None
+        # In place: a second [B·T, V] tensor here would undo the memory saving (the trainer scales by kd_ratio·T²).
+        if not (grad_output.device.type == "cpu" and grad_output.item() == 1.0):
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad, None
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def run(
+    div: ChunkedDivergence,
+    student_logits: Tensor,
+    teacher: Tensor | SparseTeacher,
+    labels: Tensor,
+    num_valid: int | float | Tensor | None = None,
+) -> LossOutput:
+    """`div.compute(...)`: check the inputs, run the chunks (through autograd when the student needs a gradient)."""
+    check_inputs(div, student_logits, teacher, labels)
+    nv: float | None = None
+    if num_valid is not None:
+        nv = float(num_valid.item()) if isinstance(num_valid, Tensor) else float(num_valid)
+        if not nv > 0 or not math.isfinite(nv):
+            raise LossConfigError(f"num_valid must be a positive number, got {num_valid!r}")
+    job = _Job(div, teacher, labels, nv)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if need_grad:
+        loss = _ChunkedLossFunction.apply(student_logits, job)
+    else:
+        with torch.no_grad():
+            loss, _ = _run(job, student_logits, need_grad=False)
+    return LossOutput(loss, job.stats)
+
+
+def check_inputs(div: ChunkedDivergence, student: Tensor, teacher: Tensor | SparseTeacher, labels: Tensor) -> None:
+    if not isinstance(student, Tensor) or not student.is_floating_point() or student.dim() < 2:
+        raise LossConfigError("student_logits must be a floating-point tensor of shape [..., V]")
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise LossConfigError("labels must be an integer tensor (−100 = ignored)")
+    lead = tuple(student.shape[:-1])
+    if tuple(labels.shape) != lead:
+        raise LossConfigError(f"labels shape {tuple(labels.shape)} != student_logits leading shape {lead}")
+    if isinstance(teacher, SparseTeacher):
+        if teacher.shape != lead:
+            raise LossConfigError(f"SparseTeacher leading shape {teacher.shape} != student_logits {lead}")
+        t = teacher.temperature
+        if t is not None and not math.isclose(t, div.temperature, rel_tol=1e-6):
+            raise LossConfigError(
+                f"SparseTeacher log-probs were taken at temperature {t:g} but '{div.name}' uses "
+                f"temperature {div.temperature:g}; the cache must be written at the loss temperature"
+            )
+    elif isinstance(teacher, Tensor):
+        if tuple(teacher.shape) != tuple(student.shape):
+            raise LossConfigError(
+                f"teacher logits shape {tuple(teacher.shape)} != student_logits shape {tuple(student.shape)}"
+            )
+        if not teacher.is_floating_point():
+            raise LossConfigError("teacher logits must be a floating-point tensor")
+        if teacher.device != student.device:
+            raise LossConfigError(f"teacher logits are on {teacher.device}, student logits on {student.device}")
+    else:
+        raise LossConfigError(f"teacher must be a logits tensor or a SparseTeacher, got {type(teacher).__name__}")
