@@ -62,8 +62,7 @@ def worker(cli_args: list[str]) -> None:
 def batch_lengths(recipe: Recipe, steps: int) -> list[int]:
     """T of the first training micro-batches, rebuilt as kd does (same tokenizer, data, seeded order, padding to
     the longest example): the plan's max_length is only their upper bound."""
-    from kdcli.data import Collator, build_examples, load_rows
-    from kdcli.engine.trainer import micro_batches
+    from kdcli.data import Collator, build_examples, load_rows, micro_batches
     from kdcli.models import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.teacher.model)

@@ -20,12 +20,11 @@ from kdcli.data import (
     IGNORE_INDEX,
     Collator,
     Examples,
-    batch_indices,
     build_examples,
     format_prompt,
     load_examples,
     load_rows,
-    make_batches,
+    micro_batches,
     prompt_and_reference,
     resolve_fields,
     tokenize_example,
@@ -453,19 +452,21 @@ def test_shifted_labels_match_the_model_loss(tiny_teacher: Path, tokenizer: Any)
     torch.testing.assert_close(ours, out.loss)
 
 
-def test_batch_order_is_seeded() -> None:
-    first = batch_indices(10, 3, seed=1, epoch=0)
-    assert first == batch_indices(10, 3, seed=1, epoch=0)
-    assert sorted(i for b in first for i in b) == list(range(10)) and [len(b) for b in first] == [3, 3, 3, 1]
-    assert first != batch_indices(10, 3, seed=1, epoch=1) and first != batch_indices(10, 3, seed=2, epoch=0)
-    assert batch_indices(10, 3, shuffle=False) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    assert [len(b) for b in batch_indices(10, 3, drop_last=True)] == [3, 3, 3]
-
+def test_batch_order_is_seeded_and_resumable() -> None:
     examples = [{"input_ids": [i, i + 1], "labels": [IGNORE_INDEX, i + 1]} for i in range(5)]
-    batches = list(make_batches(examples, 2, Collator(0), seed=3, epoch=0))
-    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
-    firsts = sorted(int(x) for b in batches for x in b["input_ids"][:, 0])
-    assert firsts == list(range(5))
+
+    def firsts(stream, n):  # type: ignore[no-untyped-def]
+        return [[int(x) for x in next(stream)["input_ids"][:, 0]] for _ in range(n)]
+
+    epoch = firsts(micro_batches(examples, Collator(0), 2, seed=3), 3)
+    assert [len(b) for b in epoch] == [2, 2, 1] and sorted(i for b in epoch for i in b) == list(range(5))
+    assert epoch == firsts(micro_batches(examples, Collator(0), 2, seed=3), 3)
+    assert epoch != firsts(micro_batches(examples, Collator(0), 2, seed=4), 3)
+    six = firsts(micro_batches(examples, Collator(0), 2, seed=3), 6)
+    assert six[3:] != six[:3] and sorted(i for b in six[3:] for i in b) == list(range(5))  # a new epoch, reshuffled
+    assert firsts(micro_batches(examples, Collator(0), 2, seed=3, start=4), 2) == six[4:6]  # resumes mid-stream
+    ranks = [firsts(micro_batches(examples, Collator(0), 2, seed=3, rank=r, world_size=2), 2) for r in (0, 1)]
+    assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == six[:4]  # ranks interleave one stream
 
 
 def test_import_does_not_load_torch() -> None:

@@ -81,8 +81,7 @@ def loss_temperature(recipe: Recipe) -> float:
 
 
 def data_fingerprint(recipe: Recipe, split: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    spec = recipe.data.train if split == "train" else recipe.data.eval
-    limit = recipe.data.max_train_examples if split == "train" else recipe.data.max_eval_examples
+    spec, limit = recipe.data.spec(split), recipe.data.max_examples(split)
     return {"source": spec, "sha256": rows_hash(rows), "max_examples": limit}
 
 

@@ -4,7 +4,7 @@
     examples = build_examples(rows, tokenizer, cfg.data, "train", "data.train")
     # or, in one step: examples = load_examples(cfg.data, tokenizer, "train")
     collator = Collator.for_tokenizer(tokenizer)
-    for batch in make_batches(examples, 8, collator, seed=cfg.seed, epoch=0):
+    for batch in itertools.islice(micro_batches(examples, collator, 8, seed=cfg.seed), steps):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # batch["labels"] is already shifted: labels[b, t] is the target of logits[b, t].
 
@@ -32,7 +32,7 @@ from kdcli.data.formatting import (
 from kdcli.data.sources import BUILTIN_DATASETS, load_rows, source_name
 
 if TYPE_CHECKING:
-    from kdcli.data.collate import Collator, batch_indices, make_batches
+    from kdcli.data.collate import Collator, micro_batches
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -43,19 +43,18 @@ __all__ = [
     "Collator",
     "Examples",
     "FieldMap",
-    "batch_indices",
     "build_examples",
     "format_prompt",
     "load_examples",
     "load_rows",
-    "make_batches",
+    "micro_batches",
     "prompt_and_reference",
     "resolve_fields",
     "source_name",
     "tokenize_example",
 ]
 
-_LAZY = {"Collator", "batch_indices", "make_batches"}
+_LAZY = {"Collator", "micro_batches"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,9 +1,9 @@
-"""Batches: padding, next-token label alignment, and a deterministic seeded order."""
+"""Batches: padding, next-token label alignment, and the seeded, resumable order training reads them in."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -72,35 +72,33 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def batch_indices(
-    n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, drop_last: bool = False
-) -> list[list[int]]:
-    """Example indices of each batch of one epoch. The order depends only on (n, seed, epoch), so a run is
-    reproducible and a resumed run can skip batches already seen."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    order = list(range(n))
-    if shuffle:
-        # A string seed is hashed (sha512) by `random`: stable across platforms and Python versions, and
-        # (seed, epoch) pairs never collide the way `seed + epoch` would.
-        random.Random(f"kd-data/{seed}/{epoch}").shuffle(order)
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
-
-
-def make_batches(
+def micro_batches(
     examples: Sequence[Example],
+    collate: Callable[[Sequence[Example]], dict[str, torch.Tensor]],
     batch_size: int,
-    collator: Collator,
+    seed: int,
     *,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-    drop_last: bool = False,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of one epoch in the order of `batch_indices`."""
-    order = batch_indices(len(examples), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
-    for indices in order:
-        yield collator([examples[i] for i in indices])
+    """Endless micro-batches: each epoch a fresh seeded permutation, so a run is reproducible from its seed.
+
+    The stream is indexed (micro-batch k is chunk k mod n of epoch k div n), so a resumed run starts at `start`
+    without replaying the data. With several processes each optimizer step takes grad_accum x world_size
+    consecutive micro-batches and rank r gets the r-th run of grad_accum of them: the same global batches as
+    one process with `grad_accum` x world_size.
+    """
+    per_epoch = math.ceil(len(examples) / batch_size)
+    order: list[int] = []
+    loaded_epoch = -1
+    index = start
+    while True:
+        if (index // grad_accum) % world_size == rank:
+            epoch, chunk = divmod(index, per_epoch)
+            if epoch != loaded_epoch:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                order, loaded_epoch = torch.randperm(len(examples), generator=generator).tolist(), epoch
+            yield collate([examples[i] for i in order[chunk * batch_size : (chunk + 1) * batch_size]])
+        index += 1

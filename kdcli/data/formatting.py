@@ -353,12 +353,8 @@ class Examples(Sequence[dict[str, list[int]]]):
         )
 
 
-def _limit(cfg: DataConfig, split: Split) -> int | None:
-    return cfg.max_train_examples if split == "train" else cfg.max_eval_examples
-
-
 def _source_of(cfg: DataConfig, split: Split) -> str:
-    spec = cfg.train if split == "train" else cfg.eval
+    spec = cfg.spec(split)
     return source_name(spec) if spec else split
 
 
@@ -392,7 +388,7 @@ def build_examples(
     """
     source = _source_of(cfg, split)
     fmap, selected = _selected(rows, cfg, split, key)
-    limit = _limit(cfg, split)
+    limit = cfg.max_examples(split)
     eos, bos = _eos_id(tokenizer), bos_to_add(tokenizer)
     out = Examples(split=split, source=source, fields=fmap)
 
@@ -453,7 +449,7 @@ def prompt_and_reference(
     """
     key = key or f"data.{split}"
     _, selected = _selected(rows, cfg, split, key)
-    limit = _limit(cfg, split)
+    limit = cfg.max_examples(split)
     pairs: list[tuple[str, str]] = []
     for _, row_fields in selected:
         if limit is not None and len(pairs) >= limit:
@@ -465,7 +461,7 @@ def prompt_and_reference(
 
 def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: Split) -> Examples | None:
     """Read and tokenize `cfg.train` or `cfg.eval` (None when `data.eval` is null). Errors name `data.<split>`."""
-    spec = cfg.train if split == "train" else cfg.eval
+    spec = cfg.spec(split)
     if spec is None:
         return None
     key = f"data.{split}"

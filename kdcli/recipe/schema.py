@@ -123,6 +123,13 @@ class DataConfig(Section):
             raise ValueError("a template string must contain `{prompt}` (or use `chat`)")
         return template
 
+    def spec(self, split: str) -> str | None:
+        """The data spec of a split, `train` or `eval` (None where the recipe has no eval set)."""
+        return self.train if split == "train" else self.eval
+
+    def max_examples(self, split: str) -> int | None:
+        return self.max_train_examples if split == "train" else self.max_eval_examples
+
 
 class LossConfig(Section):
     divergence: str = Field("fkl", description="One of the divergences listed by `kd losses`.")
