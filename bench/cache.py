@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from kdcli.cache import write_cache  # noqa: E402
 from kdcli.data import Collator, load_examples  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
+from kdcli.engine.loop import evaluate  # noqa: E402
 from kdcli.engine.objective import Objective  # noqa: E402
 from kdcli.engine.teachers import OnlineTeacher  # noqa: E402
-from kdcli.engine.trainer import evaluate  # noqa: E402
 from kdcli.hardware import Runtime  # noqa: E402
 from kdcli.models import load_teacher, load_tokenizer  # noqa: E402
 from kdcli.recipe import Recipe, load_recipe  # noqa: E402

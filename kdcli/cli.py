@@ -141,30 +141,29 @@ def distill(
 
 def _distill_recipe(recipe: Path | None, set_: list[str] | None, resume: Path | None) -> Recipe:
     from kdcli.recipe import load_recipe
-    from kdcli.runs import RECIPE_FILE
+    from kdcli.runs import RunFolder
 
     if resume is None:
         if recipe is None:
             raise KdError("kd distill needs a recipe file, or --resume RUN_DIR to continue a run.")
         return load_recipe(recipe, set_)
+    folder = RunFolder(resume)
     if recipe is not None or set_:
-        raise KdError(f"--resume takes the recipe saved in {resume / RECIPE_FILE}; drop the recipe file and --set.")
-    if not (resume / RECIPE_FILE).is_file():
-        raise KdError(f"--resume {resume}: not a kd run folder (no {RECIPE_FILE}).")
-    return load_recipe(resume / RECIPE_FILE)
+        raise KdError(f"--resume takes the recipe saved in {folder.recipe_file}; drop the recipe file and --set.")
+    return load_recipe(RunFolder.existing(resume).recipe_file)
 
 
 def _check_launch(recipe: Recipe, nproc: int, overwrite: bool, resume: Path | None) -> None:
     """Refuse contradictions before starting N processes, so the user sees one line, not N tracebacks."""
+    from kdcli.engine.checkpoint import resume_checkpoint
     from kdcli.engine.distributed import World, deepspeed_config
-    from kdcli.engine.trainer import resume_checkpoint
-    from kdcli.runs import prepare_run_dir, run_dir_for
+    from kdcli.runs import RunFolder
 
     deepspeed_config(recipe, nproc)  # checks the global batch and the raw config
     if resume:
-        resume_checkpoint(resume, World(world_size=nproc))
-    elif not overwrite and run_dir_for(recipe).is_dir() and any(run_dir_for(recipe).iterdir()):
-        prepare_run_dir(recipe, overwrite=False)  # raises the refusal
+        resume_checkpoint(RunFolder.existing(resume), World(world_size=nproc))
+    else:
+        RunFolder.for_recipe(recipe).refuse_existing(overwrite)
 
 
 @app.command("cache-teacher")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: Path) -> str:
@@ -50,3 +53,32 @@ def fsync_tree(root: Path, *, share: bool = False) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(Path(dirpath))
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, share: bool = False) -> None:
+    """Temporary name in the same folder, fsync, rename, fsync the folder: `path` is always whole or absent.
+
+    `share` gives the file the umask's permissions instead of mkstemp's private 0600 (a cache a team shares)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        if share:
+            umask = current_umask()
+            os.chmod(tmp, 0o666 & ~(0o022 if umask is None else umask))
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -106,13 +106,13 @@ def test_records_equal_the_online_teacher(cached: Path, tiny_teacher: Path) -> N
 def test_training_from_the_cache_never_loads_the_teacher(
     cached: Path, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdcli.engine.trainer as trainer
+    import kdcli.engine.setup as setup
 
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(trainer, "load_teacher", refuse)
-    monkeypatch.setattr(trainer, "OnlineTeacher", refuse)
+    monkeypatch.setattr(setup, "load_teacher", refuse)
+    monkeypatch.setattr(setup, "OnlineTeacher", refuse)
     recipe = cache_recipe(tmp_path, tiny_teacher, cached, loss={"divergence": "atkd"}, train={"max_steps": 10})
     result = runner.invoke(app, ["distill", str(recipe)])
     assert result.exit_code == 0, result.output

@@ -13,6 +13,7 @@ from test_distill import runner, tiny_recipe
 
 from kdcli.cli import app
 from kdcli.engine.checkpoint import latest_checkpoint, read_state
+from kdcli.runs import RunFolder
 
 # 12 steps of 2 x 4 examples, a checkpoint every 3: small enough for ~10 s runs on 2 CPU cores.
 FAST = {
@@ -80,7 +81,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, tiny_teache
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Interrupted after step" in stderr and "Traceback" not in stderr
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(RunFolder(run_dir))
     assert checkpoint is not None and read_state(checkpoint)["step"] > 3
     assert f"--resume {run_dir}" in " ".join(stderr.split())
 

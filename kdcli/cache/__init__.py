@@ -2,7 +2,8 @@
 
     manifest = write_cache(recipe, Path("caches/quickstart"))           # resumable; returns the manifest
     verify_cache(Path("caches/quickstart"))                            # sha256 of every shard, or a KdError
-    parts = prepare_cached(recipe, print)                              # what `kd distill` uses
+    root, manifest = read_manifest_for(recipe, print)                  # what `kd distill` uses, before and
+    cache = open_for_training(recipe, root, manifest, tokenizer, vocab)  # after it builds the student
 
 The format is described in `kdcli.cache.format` and `docs/cache.md`. Heavy imports (torch) happen only in the
 submodules, so importing this package for its names is cheap.
@@ -14,17 +15,28 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kdcli.cache.reader import CacheCollator, CachedSplit, CachedTeacher, verify_cache
-    from kdcli.cache.training import prepare_cached
+    from kdcli.cache.training import CacheForTraining, open_for_training, read_manifest_for
     from kdcli.cache.writer import write_cache
 
-__all__ = ["CacheCollator", "CachedSplit", "CachedTeacher", "prepare_cached", "verify_cache", "write_cache"]
+__all__ = [
+    "CacheCollator",
+    "CacheForTraining",
+    "CachedSplit",
+    "CachedTeacher",
+    "open_for_training",
+    "read_manifest_for",
+    "verify_cache",
+    "write_cache",
+]
 
 _WHERE = {
     "CacheCollator": "reader",
     "CachedSplit": "reader",
     "CachedTeacher": "reader",
     "verify_cache": "reader",
-    "prepare_cached": "training",
+    "CacheForTraining": "training",
+    "open_for_training": "training",
+    "read_manifest_for": "training",
     "write_cache": "writer",
 }
 

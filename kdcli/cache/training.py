@@ -1,12 +1,14 @@
-"""`teacher.cache` in a recipe: everything `kd distill` needs from a cache, checked before training starts."""
+"""`teacher.cache` in a recipe: what training reads from a cache, checked against the recipe before it starts.
+
+Two steps around the student, which the engine builds (once, as for an online teacher): `read_manifest_for`
+before it, `open_for_training` after it, since checking the cache needs the student's tokenizer and vocabulary.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from kdcli.cache import format as fmt
 from kdcli.cache.fingerprint import data_fingerprint, differences, mismatch_error, setup_of
@@ -17,45 +19,44 @@ from kdcli.recipe import Recipe
 
 
 @dataclass
-class CachedParts:
+class CacheForTraining:
+    root: Path
     teacher: CachedTeacher
-    student: torch.nn.Module
-    tokenizer: Any
-    width: int
+    width: int  # teacher logits the cache covers: the vocabulary the loss compares
     train_set: CachedSplit
     eval_set: CachedSplit | None
     collate: CacheCollator
 
 
-TAIL_SENSITIVE = ("rkl", "akl")
-
-
-def prepare_cached(recipe: Recipe, on_message: Any) -> CachedParts:
-    """Build the student without keeping a teacher, check the cache against the recipe, and open its splits.
-
-    With `student.init: teacher` the teacher's weights are read once to cut the student from them and dropped at
-    once; nothing of the teacher runs. Eval: a recipe with `data.eval` needs the cache's eval split (refused
-    otherwise, with the command that writes it), so eval losses stay comparable to an online run's.
-    """
-    from kdcli.models import build_student
+def read_manifest_for(recipe: Recipe, on_message: Any) -> tuple[Path, dict[str, Any]]:
+    """The cache's folder and manifest (refused in one line when it is not a cache), with the notes for the user."""
+    from kdcli.losses import is_tail_sensitive
 
     assert recipe.teacher.cache is not None
     root = Path(recipe.teacher.cache).expanduser()
     manifest = fmt.read_manifest(root, "teacher.cache")
     on_message(f"Training from the teacher cache {root}")
-    if recipe.loss.divergence in TAIL_SENSITIVE and recipe.loss.kd_ratio > 0:
+    if is_tail_sensitive(recipe.loss.divergence) and recipe.loss.kd_ratio > 0:
         # The tail bucket hides the student's spread inside the teacher's tail, which reverse KL weights heavily.
         on_message(
             f"Note: {recipe.loss.divergence} from a top-K cache differs from online training while the student is far "
             "from its teacher (docs/cache.md, 'Which divergences suit a cache')."
         )
-    on_message(f"Building student ({recipe.student.init})")
-    student, tokenizer = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed)
+    return root, manifest
 
+
+def open_for_training(
+    recipe: Recipe, root: Path, manifest: dict[str, Any], tokenizer: Any, student_vocab: int
+) -> CacheForTraining:
+    """Check the cache against the recipe and the student, and open the splits the recipe reads.
+
+    A recipe with `data.eval` needs the cache's eval split (refused otherwise, with the command that writes it), so
+    eval losses stay comparable to an online run's.
+    """
     rows = differences(manifest.get("setup", {}), setup_of(recipe, tokenizer))
     splits = ["train", "eval"] if recipe.data.eval else ["train"]
     for split in splits:
-        spec = recipe.data.train if split == "train" else recipe.data.eval
+        spec = recipe.data.spec(split)
         assert spec is not None
         entry = manifest["splits"].get(split)
         if entry is None:
@@ -74,13 +75,16 @@ def prepare_cached(recipe: Recipe, on_message: Any) -> CachedParts:
         )
 
     vocab = int(manifest["writer"]["vocab"])
-    student_rows = int(student.config.get_text_config().vocab_size)
-    if student_rows < vocab:
+    if student_vocab < vocab:
         raise KdError(
             f"teacher.cache: the cache covers {vocab} teacher logits but the student's output layer has only "
-            f"{student_rows} rows; pick a student with the teacher's vocabulary."
+            f"{student_vocab} rows; pick a student with the teacher's vocabulary."
         )
-    train_set = open_split(root, manifest, "train")
-    eval_set = open_split(root, manifest, "eval") if recipe.data.eval else None
-    collate = CacheCollator(tokenizer.pad_token_id, int(manifest["writer"]["top_k"]))
-    return CachedParts(CachedTeacher(manifest, root), student, tokenizer, vocab, train_set, eval_set, collate)
+    return CacheForTraining(
+        root,
+        CachedTeacher(manifest, root),
+        vocab,
+        open_split(root, manifest, "train"),
+        open_split(root, manifest, "eval") if recipe.data.eval else None,
+        CacheCollator(tokenizer.pad_token_id, int(manifest["writer"]["top_k"])),
+    )

@@ -10,9 +10,7 @@ bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,10 +27,9 @@ from kdcli.cache.fingerprint import (
 )
 from kdcli.data import Collator, build_examples, load_rows
 from kdcli.data.formatting import Examples
-from kdcli.durable import current_umask
+from kdcli.durable import write_bytes_atomic, write_json
 from kdcli.errors import KdError
 from kdcli.hardware import Runtime
-from kdcli.runs import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -133,7 +130,7 @@ def write_cache(
     collate = Collator.for_tokenizer(tokenizer)
     for split in splits:
         key = f"data.{split}"
-        spec = recipe.data.train if split == "train" else recipe.data.eval
+        spec = recipe.data.spec(split)
         assert spec is not None
         rows = load_rows(spec, split, key)
         data_fp = data_fingerprint(recipe, split, rows)
@@ -254,6 +251,7 @@ def _shard_tensors(
     import torch
 
     from kdcli.losses import SparseTeacher
+    from kdcli.models import logits_of
 
     writer = manifest["writer"]
     id_dtype, lp_dtype = fmt.torch_dtype(writer["id_dtype"]), fmt.torch_dtype(writer["logprob_dtype"])
@@ -263,8 +261,8 @@ def _shard_tensors(
     for lo in range(start, end, batch_size):
         batch = collate(examples[lo : min(end, lo + batch_size)])
         on_device = runtime.to_device(batch)
-        with torch.no_grad(), runtime.autocast():
-            logits = model(input_ids=on_device["input_ids"], attention_mask=on_device["attention_mask"]).logits
+        with torch.no_grad():
+            logits = logits_of(model, on_device, runtime)
         valid = batch["labels"] != fmt.IGNORE_INDEX
         labelled = valid.to(runtime.device)
         # Only labelled rows are reduced to top-K: the softmax over V is the writer's whole overhead.
@@ -295,22 +293,13 @@ def _write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> 
     # One metadata key: safetensors serialises metadata from a hash map, so several keys come out in random order
     # and two identical shards would differ in their sha256.
     payload = save(tensors, metadata={"format": f"{fmt.FORMAT}/{fmt.VERSION}"})
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-    umask = current_umask()
-    os.chmod(tmp, 0o666 & ~(0o022 if umask is None else umask))  # mkstemp's 0600 would hide a shared cache
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / name)
-    fmt.fsync_dir(folder)
+    write_bytes_atomic(folder / name, payload, share=True)  # mkstemp's 0600 would hide a shared cache
     return {"file": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
 def _save_manifest(out: Path, manifest: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / fmt.MANIFEST, manifest)
-    fmt.fsync_dir(out)
 
 
 def cache_stats(manifest: dict[str, Any], wall_seconds: float) -> dict[str, Any]:

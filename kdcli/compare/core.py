@@ -148,7 +148,7 @@ def compare_runs(
         resamples=resamples,
         curves={run.label: curves_of(run) for run in runs},
     )
-    if len({str(run.run.get("divergence")) for run in runs}) > 1:
+    if len({str(run.run.divergence) for run in runs}) > 1:
         comparison.notes.append(
             "Train and eval loss include each divergence's own KD term, so they are not ranked across divergences; "
             "eval CE is."
@@ -168,7 +168,7 @@ def compare_runs(
 
 
 def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
-    same_objective = len({(str(r.run.get("divergence")), str(_get(r.recipe, "loss", "kd_ratio"))) for r in runs}) == 1
+    same_objective = len({(str(r.run.divergence), str(_get(r.recipe, "loss", "kd_ratio"))) for r in runs}) == 1
     loss_direction = LOWER if same_objective else NONE
     rows = [
         ValueRow("train_loss", "train loss (last step)", loss_direction, {}),
@@ -181,17 +181,17 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
         ValueRow("student_parameters", "student parameters", NONE, {}),
     ]
     for run in runs:
-        info = run.run
-        after = info.get("eval_after") or {}
+        record = run.run
+        after = record.eval_after or {}
         values = {
-            "train_loss": (info.get("final") or {}).get("loss"),
+            "train_loss": record.train_loss,
             "eval_loss": after.get("eval_loss"),
             "eval_ce": after.get("eval_ce"),
-            "steps": info.get("steps"),
-            "tokens_per_s": info.get("tokens_per_s"),
-            "wall_seconds": info.get("wall_seconds"),
-            "teacher_parameters": (info.get("parameters") or {}).get("teacher"),
-            "student_parameters": (info.get("parameters") or {}).get("student"),
+            "steps": record.steps,
+            "tokens_per_s": record.tokens_per_s,
+            "wall_seconds": record.wall_seconds,
+            "teacher_parameters": record.teacher_parameters,
+            "student_parameters": record.student_parameters,
         }
         for row in rows:
             row.values[run.label] = _number(values[row.key])

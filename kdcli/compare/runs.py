@@ -17,9 +17,8 @@ from typing import Any
 from kdcli.errors import KdError
 from kdcli.evaluation.results import read_json
 from kdcli.recipe.load import read_yaml
-from kdcli.runs import METRICS_FILE, RECIPE_FILE, RUN_FILE
+from kdcli.runs import RUN_FILE, RunFolder, RunRecord
 
-EVAL_DIR = "eval"
 RESULTS_FILE = "results.json"
 
 
@@ -28,7 +27,7 @@ class RunData:
     label: str  # the column title: the folder name, or its path when two runs share a name
     path: Path
     recipe: dict[str, Any]
-    run: dict[str, Any]
+    run: RunRecord
     steps: list[dict[str, Any]]  # training lines of metrics.jsonl
     evals: list[dict[str, Any]]  # eval lines of metrics.jsonl
     results: dict[str, Any] | None  # eval/results.json, None before any kd eval
@@ -37,7 +36,7 @@ class RunData:
 
     @property
     def eval_dir(self) -> Path:
-        return self.path / EVAL_DIR
+        return RunFolder(self.path).eval_dir
 
     def sets(self) -> dict[str, dict[str, Any]]:
         """{set name: {mode: entry}} from results.json."""
@@ -89,20 +88,22 @@ def load_run(path: Path) -> RunData:
         raise KdError(f"{path}: no such folder. Give a run folder written by kd distill (<output_dir>/<name>).")
     if not path.is_dir():
         raise KdError(f"{path}: is a file, not a run folder. Give the folder kd distill wrote (<output_dir>/<name>).")
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
-        has_recipe = (path / RECIPE_FILE).is_file()
+    folder = RunFolder(path)
+    if not folder.record_file.is_file():
+        has_recipe = folder.recipe_file.is_file()
         why = "the run did not finish (it has a recipe.yaml)." if has_recipe else "is this a kd run folder?"
         raise KdError(f"{path}: no {RUN_FILE} — {why} Run kd distill first.")
-    run = _read_object(run_file, "The run did not finish writing it: re-run kd distill --overwrite.")
-    recipe_file = path / RECIPE_FILE
-    if not recipe_file.is_file():
-        raise KdError(f"{recipe_file}: missing. kd distill writes it with run.json; restore it or re-run the run.")
-    recipe = read_yaml(recipe_file)  # raw, not validated: a recipe from an older kd still compares
-    lines = _read_jsonl(path / METRICS_FILE, "Restore it or re-run kd distill.", torn_tail_ok=True)
+    fix = "The run did not finish writing it: re-run kd distill --overwrite."
+    run = RunRecord.from_dict(_read_object(folder.record_file, fix))
+    if not folder.recipe_file.is_file():
+        raise KdError(
+            f"{folder.recipe_file}: missing. kd distill writes it with run.json; restore it or re-run the run."
+        )
+    recipe = read_yaml(folder.recipe_file)  # raw, not validated: a recipe from an older kd still compares
+    lines = _read_jsonl(folder.metrics_file, "Restore it or re-run kd distill.", torn_tail_ok=True)
     steps = [line for line in lines if "loss" in line]
     evals = [line for line in lines if "eval_loss" in line]
-    results_file = path / EVAL_DIR / RESULTS_FILE
+    results_file = folder.eval_dir / RESULTS_FILE
     results = None
     if results_file.is_file():
         results = _read_object(results_file, "Delete it: kd eval rebuilds it from the generations, which it reuses.")

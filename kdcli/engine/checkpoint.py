@@ -21,18 +21,22 @@ import torch
 
 from kdcli.durable import fsync_dir, fsync_tree
 from kdcli.engine.distributed import World, barrier
+from kdcli.engine.state import TrainingState
+from kdcli.errors import KdError
+from kdcli.runs import RunFolder
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "kd-state.json"  # written last: its presence marks a complete checkpoint
 _NAME = re.compile(r"step-(\d{8})")
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, state: dict[str, Any], write: Callable[[Path], None], world: World, keep: int
+    folder: RunFolder, state: TrainingState, write: Callable[[Path], None], world: World, keep: int, per_step: int
 ) -> Path:
-    """Write model/optimizer/scheduler (`write`, called on every rank), RNG states and `state` atomically."""
-    root = run_dir / CHECKPOINTS_DIR
-    final = root / f"step-{step:08d}"
+    """Write model/optimizer/scheduler (`write`, called on every rank), RNG states and `state` atomically.
+
+    `per_step`: micro-batches per optimizer step over all processes (the data position is step × per_step)."""
+    root = folder.checkpoints_dir
+    final = root / f"step-{state.step:08d}"
     tmp = root / f".{final.name}.tmp"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -42,7 +46,8 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng-rank{world.rank}.pt")
     barrier()
     if world.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": world.world_size}, indent=2) + "\n")
+        record = {**state.to_checkpoint(per_step), "world_size": world.world_size}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -52,9 +57,26 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def resume_checkpoint(folder: RunFolder, world: World) -> Path:
+    """The newest complete checkpoint of a run, checked to fit this launch, or one line saying why not."""
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        raise KdError(
+            f"--resume {folder}: no complete checkpoint in {folder.checkpoints_dir}; "
+            "set train.save_every to write them."
+        )
+    saved_world = read_state(checkpoint).get("world_size", 1)
+    if saved_world != world.world_size:
+        raise KdError(
+            f"--resume {folder}: {checkpoint.name} was written by {saved_world} process(es); "
+            f"resume with --nproc {saved_world}."
+        )
+    return checkpoint
+
+
+def latest_checkpoint(folder: RunFolder) -> Path | None:
     """The newest complete checkpoint; partial ones are skipped with a warning."""
-    root = run_dir / CHECKPOINTS_DIR
+    root = folder.checkpoints_dir
     if not root.is_dir():
         return None
     complete = []

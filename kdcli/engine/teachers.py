@@ -12,6 +12,7 @@ import torch
 
 from kdcli.hardware import Runtime
 from kdcli.losses import SparseTeacher
+from kdcli.models import logits_of
 
 Batch = dict[str, torch.Tensor]
 Targets = torch.Tensor | SparseTeacher
@@ -44,7 +45,4 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def targets(self, batch: Batch) -> torch.Tensor:
-        with self.runtime.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Padded output layers may be wider than the vocabulary both tokenizers share.
-        return logits[..., : self.width]
+        return logits_of(self.model, batch, self.runtime, self.width)

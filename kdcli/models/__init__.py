@@ -13,6 +13,7 @@ from kdcli.models.builtin import (
     is_builtin,
     kd_home,
 )
+from kdcli.models.forward import logits_of
 from kdcli.models.loading import (
     build_student,
     check_tokenizers,
@@ -38,6 +39,7 @@ __all__ = [
     "load_config",
     "load_teacher",
     "load_tokenizer",
+    "logits_of",
     "resolve_model",
     "vocab_fingerprint",
 ]

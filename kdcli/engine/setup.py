@@ -1,0 +1,120 @@
+"""Set-up: everything the training loop needs, built from the recipe before the run folder is touched.
+
+One path for both teachers: the student is built once, here, and the teacher is a `TeacherSource`, either the
+model run online or the stored top-K of `kd cache-teacher` (`kdcli.cache`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcli.data import Collator, build_examples, load_rows
+from kdcli.engine.distributed import World, init_deepspeed
+from kdcli.engine.observer import Observer
+from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
+from kdcli.errors import KdError
+from kdcli.hardware import Runtime
+from kdcli.models import build_student, check_tokenizers, load_teacher, load_tokenizer
+from kdcli.recipe import Recipe
+
+
+@dataclass
+class Prepared:
+    teacher: TeacherSource
+    student: torch.nn.Module
+    tokenizer: Any
+    width: int  # logit columns compared: the vocabulary teacher and student share
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any] | None
+    collate: Callable[[Sequence[Any]], Batch]
+
+
+def runtime_for(recipe: Recipe, world: World, ds_config: dict[str, Any] | None) -> Runtime:
+    """Where this process trains: the launcher gives each process its own GPU under DeepSpeed (or the CPU with
+    `train.device: cpu`); otherwise `train.device` decides."""
+    if ds_config:
+        return Runtime(init_deepspeed(world, cpu=recipe.train.device == "cpu"), recipe.train.precision)
+    return Runtime.of(recipe.train.device, recipe.train.precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
+    """Load the teacher (or open its cache), build the student, check that they agree, and tokenize the data.
+
+    With `teacher.cache` the teacher never runs: examples and targets stream from the cache. With
+    `student.init: teacher` the teacher's weights are then read once to cut the student and dropped at once."""
+    if recipe.teacher.cache:
+        return _prepare_cached(recipe, observer)
+    if recipe.data.responses == "teacher":
+        raise KdError(
+            "data.responses: `teacher` trains on responses the teacher generated, which `kd cache-teacher` writes. "
+            "Run `kd cache-teacher RECIPE --out DIR`, then set teacher.cache: DIR."
+        )
+    observer.message(f"Loading teacher {recipe.teacher.model}")
+    teacher_tokenizer = load_tokenizer(recipe.teacher.model)
+    teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
+    student, tokenizer = _student(recipe, observer, teacher_model)
+    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_model.config, student.config)
+    teacher = OnlineTeacher(teacher_model, runtime, width, recipe.teacher.model)
+
+    train_rows = load_rows(recipe.data.train, "train", "data.train")
+    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
+    eval_set = None
+    if recipe.data.eval:
+        eval_rows = load_rows(recipe.data.eval, "eval", "data.eval")
+        eval_set = build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    return Prepared(teacher, student, tokenizer, width, train_set, eval_set, Collator(tokenizer.pad_token_id))
+
+
+def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
+    from kdcli.cache import open_for_training, read_manifest_for
+
+    root, manifest = read_manifest_for(recipe, observer.message)
+    student, tokenizer = _student(recipe, observer, None)
+    vocab = int(student.config.get_text_config().vocab_size)
+    cache = open_for_training(recipe, root, manifest, tokenizer, vocab)
+    return Prepared(cache.teacher, student, tokenizer, cache.width, cache.train_set, cache.eval_set, cache.collate)
+
+
+def _student(recipe: Recipe, observer: Observer, teacher: Any) -> tuple[torch.nn.Module, Any]:
+    observer.message(f"Building student ({recipe.student.init})")
+    # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
+    return build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
+
+
+def save_student(
+    student: torch.nn.Module,
+    tokenizer: Any,
+    path: Path,
+    runtime: Runtime,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save with `save_pretrained` (safetensors) into a temporary folder, then rename it into place.
+
+    `state_dict`: the full weights when the module itself holds only a shard (ZeRO-3), gathered on this rank.
+    """
+    if not torch.cuda.is_available():
+        # save_pretrained imports DeepSpeed when it is installed (accelerate's unwrap); spare it the GPU probe.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if state_dict is not None:
+        state_dict = {key: value.to(runtime.inference_dtype) for key, value in state_dict.items()}
+    elif runtime.precision == "bf16":
+        student = student.to(torch.bfloat16)
+    student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

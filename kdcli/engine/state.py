@@ -1,0 +1,28 @@
+"""What a run has done so far, saved whole in every checkpoint and restored whole on resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainingState:
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0
+    train_seconds: float = 0.0  # training time before this process started (resumed runs) plus its own
+    eval_before: dict[str, float] | None = None
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"step": s, **scores} for every eval so far
+
+    def to_checkpoint(self, micro_batches_per_step: int) -> dict[str, Any]:
+        # The data position is recorded for readers of the checkpoint; resume derives it from `step`.
+        return {
+            **dataclasses.asdict(self),
+            "micro_batches_consumed": self.step * micro_batches_per_step,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, data: dict[str, Any]) -> TrainingState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
