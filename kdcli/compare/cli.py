@@ -1,4 +1,4 @@
-"""The `kd compare` command's body: validate options, load, compare, judge, render, plot. `kdcli/cli.py` only
+"""The `kd compare` command's body: validate options, load, compare, judge, render, plot. `kdcli/cli/` only
 parses arguments and turns a `KdError` into one line and exit code 2."""
 
 from __future__ import annotations

@@ -1,0 +1,185 @@
+"""Commands that measure: `kd eval` and `kd compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kdcli.cli.app import (
+    JudgeConcurrencyOpt,
+    JudgeModelOpt,
+    JudgeRetriesOpt,
+    JudgeTimeoutOpt,
+    JudgeUrlOpt,
+    app,
+    user_errors,
+)
+from kdcli.errors import KdError
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[
+        str, typer.Argument(help="A run folder, a model id or folder, or teacher:RECIPE.", show_default=False)
+    ],
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Eval set: any data spec recipes accept, or NAME=SPEC. Repeatable. "
+            "Default: the recipe's data.eval (builtin:starter for a bare model).",
+            show_default=False,
+        ),
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Sampling seeds, comma-separated.")] = "10,20,30,40,50",
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="One deterministic greedy pass instead of sampling.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens generated at most.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")] = 8,
+    max_examples: Annotated[
+        int | None, typer.Option("--max-examples", help="Use the first N examples of each set.", show_default=False)
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Prompt template instead of the recipe's (`chat` or a string with {prompt}).",
+            show_default=False,
+        ),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision", help="auto (bf16 where native and saved so, or on a GPU; else fp32), bf16 or fp32."
+        ),
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (the first GPU where there is one, else the CPU), cpu, cuda, cuda:N.")
+    ] = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Eval folder. Default: <run>/eval, or evals/<name> for a model or teacher.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Regenerate passes that already exist.")] = False,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="LLM judge: gpt4 (the OpenAI chat API).", show_default=False)
+    ] = None,
+    judge_model: JudgeModelOpt = "gpt-4",
+    judge_url: JudgeUrlOpt = None,
+    judge_dry_run: Annotated[
+        bool,
+        typer.Option("--judge-dry-run", help="Print one judge prompt and the request/token estimate; send nothing."),
+    ] = False,
+    judge_concurrency: JudgeConcurrencyOpt = 4,
+    judge_retries: JudgeRetriesOpt = 5,
+    judge_timeout: JudgeTimeoutOpt = 120.0,
+) -> None:
+    """Generate with a student (or any model), score ROUGE-L, exact match, length and distinct-n over seeds,
+    and optionally judge the answers against the references with an LLM."""
+    from transformers.utils import logging as hf_logging
+
+    from kdcli.evaluation import EvalOptions, JudgeSettings, run_eval
+    from kdcli.evaluation.render import RichEvalObserver
+    from kdcli.ui import console
+
+    hf_logging.disable_progress_bar()
+    observer = RichEvalObserver(console)
+    with user_errors():
+        try:
+            seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise KdError(f"--seeds: '{seeds}' is not a comma-separated list of integers, e.g. 10,20,30.") from None
+        if precision not in ("auto", "bf16", "fp32"):
+            raise KdError(f"--precision: '{precision}' is not one of auto, bf16, fp32.")
+        options = EvalOptions(
+            target=target,
+            data=data or [],
+            seeds=seed_list,
+            greedy=greedy,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_examples=max_examples,
+            template=template,
+            precision=precision,  # type: ignore[arg-type]
+            device=device,
+            out=out,
+            force=force,
+            judge=judge,
+            judge_settings=JudgeSettings(
+                model=judge_model,
+                base_url=judge_url,
+                concurrency=judge_concurrency,
+                max_retries=judge_retries,
+                timeout=judge_timeout,
+            ),
+            judge_dry_run=judge_dry_run,
+        )
+        try:
+            run_eval(options, observer)
+        finally:
+            observer.close()
+
+
+@app.command()
+def compare(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN", help="Run folders (<output_dir>/<name>) to compare.", show_default=False),
+    ],
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", help="The run deltas are taken against (default: the first).", show_default=False),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG: loss curves, metric bars with CIs, diagnostics.", show_default=False),
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", "-f", help="table, markdown, json or csv (the last three print plain text).")
+    ] = "table",
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="Bootstrap resamples of the prompts (one set serves every test and CI).")
+    ] = 10_000,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="Head-to-head LLM judge against the baseline: gpt4.", show_default=False),
+    ] = None,
+    judge_model: JudgeModelOpt = "gpt-4",
+    judge_url: JudgeUrlOpt = None,
+    judge_max_examples: Annotated[
+        int | None,
+        typer.Option("--judge-max-examples", help="Judge the first N shared examples per pass.", show_default=False),
+    ] = None,
+    judge_concurrency: JudgeConcurrencyOpt = 4,
+    judge_retries: JudgeRetriesOpt = 5,
+    judge_timeout: JudgeTimeoutOpt = 120.0,
+) -> None:
+    """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% intervals over prompts
+    (and the spread over seeds), and deltas against a baseline with paired prompt-level bootstrap p-values."""
+    from kdcli.compare.cli import run_compare
+    from kdcli.ui import console
+
+    with user_errors():
+        run_compare(
+            runs,
+            console,
+            baseline=baseline,
+            plot=plot,
+            fmt=format_,
+            resamples=resamples,
+            judge=judge,
+            judge_model=judge_model,
+            judge_url=judge_url,
+            judge_max_examples=judge_max_examples,
+            judge_concurrency=judge_concurrency,
+            judge_retries=judge_retries,
+            judge_timeout=judge_timeout,
+        )
