@@ -8,10 +8,13 @@ baseline with paired bootstrap p-values over prompts, an optional head-to-head j
     print(to_markdown(comparison))
 
 Layout: `runs` (reading run folders), `setup_diff`, `stats` (prompt bootstrap, t interval), `core` (the comparison
-as data), `render` (rich, Markdown, JSON, CSV), `plot` (matplotlib, lazily), `head_to_head` (the pairwise judge).
+as data, and the training rows), `evalset` (one evaluation set across runs: shared passes and prompts, the bootstrap
+cells), `ranking` (better directions, best runs), `render` (rich, Markdown, JSON, CSV), `plot` (matplotlib,
+lazily), `head_to_head` (the pairwise judge).
 """
 
-from kdcli.compare.core import Comparison, HeadToHead, MetricCell, MetricRow, SetComparison, ValueRow, compare_runs
+from kdcli.compare.core import Comparison, HeadToHead, ValueRow, compare_runs
+from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
 from kdcli.compare.render import FORMATS, print_table, render_text, rich_view, sparkline, to_csv, to_json, to_markdown
 from kdcli.compare.runs import RunData, load_run, load_runs
 from kdcli.compare.setup_diff import SetupRow, flatten, setup_diff

@@ -1,11 +1,7 @@
 """`compare_runs`: the whole comparison as data (setup diff, training, evaluation, notes), ready to render.
 
-Evaluation is compared only on what every run that has a set shares: the same passes (seeds) and the same
-examples (matched by index and prompt), the examples being the same in every pass, so that one resample of prompts
-applies to every pass (`stats`). Per-seed values are recomputed from the generation files on that shared part,
-with kd eval's own metric functions, so the mean, both intervals, the delta and the bootstrap all describe the
-same numbers. When a run's generation files are gone, its results.json values are shown with the spread over
-seeds only, and no p-value is given.
+The training rows and curves are built here; each evaluation set is compared in `evalset`, which says on what
+part of the sets the runs are compared and why.
 """
 
 from __future__ import annotations
@@ -15,71 +11,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kdcli.compare.evalset import SetComparison, compare_set
+from kdcli.compare.ranking import HIGHER, LOWER, NONE, as_number, best_runs
 from kdcli.compare.runs import RunData
 from kdcli.compare.setup_diff import SetupRow, setup_diff
-from kdcli.compare.stats import (
-    DEFAULT_RESAMPLES,
-    DEFAULT_SEED,
-    DistinctStat,
-    MeanStat,
-    PromptBootstrap,
-    RatioStat,
-    Statistic,
-    mean_ci,
-    observed,
-    prompt_bootstrap,
-)
+from kdcli.compare.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
-HIGHER, LOWER, NONE = "higher", "lower", "none"
-# (key, title, better direction, format). Length has no better direction: shorter is not better, nor longer.
-EVAL_METRICS = (
-    ("rougeL", "ROUGE-L", HIGHER, "{:.2f}"),
-    ("exact_match", "exact match", HIGHER, "{:.1f}"),
-    ("distinct_1", "distinct-1", HIGHER, "{:.3f}"),
-    ("distinct_2", "distinct-2", HIGHER, "{:.3f}"),
-    ("length", "length (tokens)", NONE, "{:.1f}"),
-    ("judge", "judge", HIGHER, "{:.1f}"),
-)
 # metrics.jsonl keys that are the trainer's own, not a divergence's diagnostics.
 _STEP_KEYS = frozenset({"step", "loss", "kd", "ce", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "valid_positions"})
-DEFAULT_SEEDS = ("seed-10", "seed-20", "seed-30", "seed-40", "seed-50")
-
-
-@dataclass
-class MetricCell:
-    mean: float  # mean over the shared passes of the metric on the shared examples
-    # (low, high): 95 % percentile interval of `mean` under the prompt bootstrap (prompts resampled, one draw for
-    # every pass); None when the generation files are missing.
-    ci95: tuple[float, float] | None
-    # Half-width of the 95 % Student t interval over the per-seed values: the seed-to-seed spread on these
-    # prompts, not an interval over prompts; None with one pass.
-    ci95_seeds: float | None
-    seeds: int  # passes the mean is over
-    delta: float | None = None  # against the baseline
-    delta_ci95: tuple[float, float] | None = None  # (low, high) of the delta, from the same paired bootstrap
-    p_value: float | None = None  # paired bootstrap over prompts, two-sided
-    significant: bool | None = None  # p < 0.05
-    best: bool = False
-
-
-@dataclass
-class MetricRow:
-    metric: str
-    title: str
-    direction: str
-    format: str
-    cells: dict[str, MetricCell | None]  # run label → cell; None: not evaluated
-
-
-@dataclass
-class SetComparison:
-    set: str
-    mode: str  # sampling or greedy
-    passes: list[str]  # the shared passes, e.g. seed-10
-    examples: int | None  # shared examples, the same in every pass; None when the generation files are missing
-    rows: list[MetricRow]
-    notes: list[str] = field(default_factory=list)
-    missing: dict[str, str] = field(default_factory=dict)  # run label → the kd eval command that fills it
 
 
 @dataclass
@@ -194,7 +133,7 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
             "student_parameters": record.student_parameters,
         }
         for row in rows:
-            row.values[run.label] = _number(values[row.key])
+            row.values[run.label] = as_number(values[row.key])
     # Diagnostics are averaged over the logged steps: a single step's value is noisy.
     diagnostics: list[str] = []
     for run in runs:
@@ -203,13 +142,13 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
     for key in diagnostics:
         row = ValueRow(key, f"{key} (mean over steps)", NONE, {})
         for run in runs:
-            values = [float(s[key]) for s in run.steps if _number(s.get(key)) is not None]
+            values = [float(s[key]) for s in run.steps if as_number(s.get(key)) is not None]
             row.values[run.label] = math.fsum(values) / len(values) if values else None
         rows.append(row)
     rows = [row for row in rows if any(v is not None for v in row.values.values())]
     for row in rows:
         if len(runs) > 1:
-            row.best = _best({k: v for k, v in row.values.items() if v is not None}, row.direction)
+            row.best = best_runs({k: v for k, v in row.values.items() if v is not None}, row.direction)
     return rows
 
 
@@ -218,278 +157,16 @@ def curves_of(run: RunData) -> dict[str, list[tuple[int, float]]]:
     for line in run.steps:
         for key, value in line.items():
             if key != "step" and key not in ("lr", "elapsed_s", "tokens_per_s", "valid_positions"):
-                number = _number(value)
+                number = as_number(value)
                 if number is not None and "step" in line:
                     curves.setdefault(key, []).append((int(line["step"]), number))
     for line in run.evals:
-        if _number(line.get("eval_loss")) is not None and "step" in line:
+        if as_number(line.get("eval_loss")) is not None and "step" in line:
             curves.setdefault("eval_loss", []).append((int(line["step"]), float(line["eval_loss"])))
     return curves
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
-
-
-def pass_labels(entry: dict[str, Any]) -> list[str]:
-    if entry.get("mode") == "greedy":
-        return ["greedy"]
-    if entry.get("seeds"):
-        return [f"seed-{s}" for s in entry["seeds"]]
-    return list((entry.get("metrics", {}).get("rougeL") or {}).get("per_seed", {}))
-
-
-def row_key(row: dict[str, Any]) -> tuple[int, str]:
-    return int(row.get("index", -1)), str(row.get("prompt", row.get("instruction", "")))
-
-
-def eval_hint(run: RunData, set_name: str, entry: dict[str, Any]) -> str:
-    """The kd eval command that gives `run` the set `entry` describes (as another run has it)."""
-    command = f"kd eval {run.path} --data {set_name}={entry.get('data', set_name)}"
-    if entry.get("mode") == "greedy":
-        return command + " --greedy"
-    labels = pass_labels(entry)
-    if tuple(labels) != DEFAULT_SEEDS:
-        command += " --seeds " + ",".join(label.removeprefix("seed-") for label in labels)
-    return command
-
-
-def compare_set(
-    runs: Sequence[RunData], baseline: str, set_name: str, mode: str, *, resamples: int, seed: int
-) -> SetComparison:
-    have = [run for run in runs if mode in run.sets().get(set_name, {})]
-    entries = {run.label: run.sets()[set_name][mode] for run in have}
-    result = SetComparison(set_name, mode, [], None, [])
-    some_entry = entries[have[0].label]
-    for run in runs:
-        if run.label not in entries:
-            result.missing[run.label] = eval_hint(run, set_name, some_entry)
-    own = {label: pass_labels(entry) for label, entry in entries.items()}
-    shared = [p for p in own[have[0].label] if all(p in passes for passes in own.values())]
-    result.passes = shared
-    if any(len(passes) != len(shared) for passes in own.values()):
-        unused = "; ".join(
-            f"{label} {', '.join(p for p in passes if p not in shared)}"
-            for label, passes in own.items()
-            if len(passes) != len(shared)
-        )
-        result.notes.append(
-            f"{set_name}: the runs were evaluated on different passes; compared on the {len(shared)} they share"
-            + (f" ({', '.join(shared)})" if shared else " (none: nothing is compared)")
-            + f"; left out: {unused}."
-        )
-    _note_settings(result, entries)
-    statistics = _statistics(have, set_name, shared, result) if shared else None
-    draws = _bootstrap(statistics, shared, resamples, seed) if statistics is not None else {}
-
-    present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
-    for key, title, direction, fmt in present:
-        row = MetricRow(key, title, direction, fmt, dict.fromkeys((r.label for r in runs), None))
-        for run in have:
-            values = _per_pass_values(run, entries[run.label], key, shared, statistics)
-            if values:
-                ci = mean_ci(values)
-                found = draws.get((run.label, key))
-                interval = found[0].interval(found[1]) if found else None
-                row.cells[run.label] = MetricCell(ci.mean, interval, ci.half_width, ci.n)
-        result.rows.append(row)
-    judged = [label for label, entry in entries.items() if "judge" in entry.get("metrics", {})]
-    if judged and len(judged) < len(entries):
-        for run in have:
-            if run.label not in judged:
-                result.notes.append(
-                    f"{set_name}: {run.label} has no judge score: run `{eval_hint(run, set_name, entries[run.label])} "
-                    "--judge gpt4` to add it."
-                )
-    if statistics is not None and baseline in entries:
-        _test_against_baseline(result, draws, baseline)
-    elif baseline not in entries and len(have) > 1:
-        result.notes.append(f"{set_name}: the baseline {baseline} has no {mode} eval on it, so no deltas are given.")
-    for row in result.rows:
-        means = {k: cell.mean for k, cell in row.cells.items() if cell is not None and not math.isnan(cell.mean)}
-        for label in _best(means, row.direction) if len(means) > 1 else []:
-            cell = row.cells[label]
-            assert cell is not None
-            cell.best = True
-    return result
-
-
-Stats = dict[str, dict[str, dict[str, Statistic]]]  # run label → metric → pass label → statistic
-Draws = dict[tuple[str, str], tuple[PromptBootstrap, int]]  # (run label, metric) → its bootstrap and series index
-
-
-def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], result: SetComparison) -> Stats | None:
-    """Per-example statistics on the shared examples, or None (with a note) when a generation file is missing or
-    nothing is shared.
-
-    The examples are those every pass of every run has, in one order (the first run's first pass), so that
-    position i is the same prompt in every statistic and one count vector over prompts resamples them all.
-    """
-    from kdcli.evaluation.metrics import exact_match, references_of, rouge_l, words
-
-    rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]] = {}
-    for run in have:
-        rows[run.label] = {}
-        for label in passes:
-            found = run.pass_rows(set_name, label)
-            if found is None:
-                result.notes.append(
-                    f"{set_name}: {run.eval_dir / set_name / (label + '.jsonl')} is missing, so values come from "
-                    "results.json, with the spread over seeds only, and no p-values are given. Re-run kd eval on "
-                    "that run to restore it."
-                )
-                return None
-            rows[run.label][label] = {row_key(row): row for row in found}
-    first = rows[have[0].label]
-    keys = [k for k in first[passes[0]] if all(k in rows[r.label][p] for r in have for p in passes)]
-    result.examples = len(keys)
-    _note_examples(result, rows, len(keys))
-    if not keys:
-        return None
-
-    judged = {(run.label, p): run.judge_scores(set_name, p) for run in have for p in passes}
-    # The judge has its own subset (the examples judged in both orders): the one every pass of every run has.
-    judge_keys = (
-        []
-        if any(scores is None for scores in judged.values())
-        else [k for k in keys if all(k[0] in scores for scores in judged.values() if scores is not None)]
-    )
-    if not judge_keys and judged and all(scores is not None for scores in judged.values()):
-        result.notes.append(
-            f"{set_name}: no example is judged in every pass of every run, so judge values come from results.json "
-            "and the judge gets no p-value."
-        )
-    elif judge_keys and len(judge_keys) < len(keys):
-        result.notes.append(
-            f"{set_name}: the judge score is compared on the {len(judge_keys)} examples judged in every pass of every "
-            f"run (of the {len(keys)} shared)."
-        )
-    stats: Stats = {run.label: {} for run in have}
-    for label in passes:
-        for run in have:
-            picked = [rows[run.label][label][k] for k in keys]
-            responses = [str(row.get("response", "")) for row in picked]
-            per = stats[run.label]
-            per.setdefault("rougeL", {})[label] = MeanStat(
-                [rouge_l(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
-            )
-            per.setdefault("exact_match", {})[label] = MeanStat(
-                [exact_match(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
-            )
-            per.setdefault("length", {})[label] = MeanStat([float(row.get("tokens", 0)) for row in picked])
-            tokenised = [words(text) for text in responses]
-            per.setdefault("distinct_1", {})[label] = DistinctStat(tokenised, 1)
-            per.setdefault("distinct_2", {})[label] = DistinctStat(tokenised, 2)
-            scores = judged[(run.label, label)]
-            if scores is not None and judge_keys:
-                pairs = [scores[k[0]] for k in judge_keys]
-                per.setdefault("judge", {})[label] = RatioStat([m for m, _ in pairs], [r for _, r in pairs])
-    return stats
-
-
-def _note_examples(
-    result: SetComparison, rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]], shared: int
-) -> None:
-    """Say why fewer examples than the biggest pass file are compared: the runs differ, the passes do, or both."""
-    biggest = max(len(found) for per_pass in rows.values() for found in per_pass.values())
-    if shared == biggest:
-        return
-    first = next(iter(rows.values()))
-    runs_differ = any(found.keys() != first[p].keys() for per_pass in rows.values() for p, found in per_pass.items())
-    short: list[str] = []  # the passes that lack an example another pass of the same run has
-    for label, per_pass in rows.items():
-        union = set().union(*(found.keys() for found in per_pass.values()))
-        short += [f"{label} {p} ({len(found)})" for p, found in per_pass.items() if len(found) < len(union)]
-    why = []
-    if runs_differ:
-        why.append("the runs' example sets differ")
-    if short:
-        why.append(f"the passes of a run cover different examples ({', '.join(short)})")
-    if shared == 0:
-        result.notes.append(
-            f"{result.set}: {' and '.join(why)}, and no example is in every pass, so values come from results.json "
-            "and no p-values are given."
-        )
-        return
-    result.notes.append(
-        f"{result.set}: {' and '.join(why)}; compared on the {shared} examples they share (of up to {biggest}), the "
-        "same in every pass."
-    )
-
-
-def _bootstrap(stats: Stats, passes: list[str], resamples: int, seed: int) -> Draws:
-    """One prompt bootstrap per group of metrics over the same examples, every run's series drawn together.
-
-    Drawing all runs on the same resamples is what pairs a run with the baseline, and lets the runs' intervals be
-    read side by side. The judge covers its own subset of examples, so it is its own group.
-    """
-    draws: Draws = {}
-    metrics = list(dict.fromkeys(m for per in stats.values() for m in per))
-    for group in ([m for m in metrics if m != "judge"], [m for m in metrics if m == "judge"]):
-        # A metric a run lacks on some pass (the judge) is left to results.json for that run.
-        keys = [(label, m) for label, per in stats.items() for m in group if len(per.get(m, {})) == len(passes)]
-        if not keys:
-            continue
-        series = [[stats[label][m][p] for p in passes] for label, m in keys]
-        boot = prompt_bootstrap(series, resamples=resamples, seed=seed)
-        if boot is not None:
-            draws.update({key: (boot, k) for k, key in enumerate(keys)})
-    return draws
-
-
-def _per_pass_values(
-    run: RunData, entry: dict[str, Any], key: str, passes: list[str], statistics: Stats | None
-) -> list[float]:
-    if statistics is not None:
-        per_pass = statistics[run.label].get(key, {})
-        if len(per_pass) == len(passes):
-            values = [observed(per_pass[p]) for p in passes]
-            return [v for v in values if not math.isnan(v)]
-        if key != "judge":
-            return []
-    per_seed = (entry.get("metrics", {}).get(key) or {}).get("per_seed", {})
-    return [float(per_seed[p]) for p in passes if _number(per_seed.get(p)) is not None]
-
-
-def _test_against_baseline(result: SetComparison, draws: Draws, baseline: str) -> None:
-    for row in result.rows:
-        base = draws.get((baseline, row.metric))
-        for label, cell in row.cells.items():
-            mine = draws.get((label, row.metric))
-            if label == baseline or cell is None or base is None or mine is None or mine[0] is not base[0]:
-                continue
-            test = mine[0].paired(base[1], mine[1])
-            if test is not None:
-                cell.delta, cell.delta_ci95 = test.delta, test.ci95
-                cell.p_value, cell.significant = test.p_value, test.significant
-
-
-def _note_settings(result: SetComparison, entries: dict[str, dict[str, Any]]) -> None:
-    settings = {label: entry.get("settings") or {} for label, entry in entries.items()}
-    keys = sorted({k for s in settings.values() for k in s})
-    differing = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
-    if differing:
-        detail = "; ".join(
-            f"{k}: " + ", ".join(f"{label} {settings[label].get(k)}" for label in settings) for k in differing
-        )
-        result.notes.append(f"{result.set}: generated with different settings ({detail}).")
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _best(values: dict[str, float], direction: str) -> list[str]:
-    """The runs with the best value; none when there is no better direction or every run has the same value."""
-    if not values or direction == NONE:
-        return []
-    target = max(values.values()) if direction == HIGHER else min(values.values())
-    best = [label for label, v in values.items() if math.isclose(v, target, rel_tol=1e-12, abs_tol=1e-12)]
-    return best if len(best) < len(values) else []
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if math.isnan(float(value)) else float(value)
 
 
 def _get(data: dict[str, Any], *keys: str) -> Any:

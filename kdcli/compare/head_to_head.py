@@ -16,7 +16,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from kdcli.compare.core import Comparison, HeadToHead, row_key
+from kdcli.compare.core import Comparison, HeadToHead
+from kdcli.compare.evalset import row_key
 from kdcli.compare.runs import RunData
 from kdcli.errors import KdError
 from kdcli.evaluation.judge import JudgeClient, JudgeSettings, ReplyCache, load_template

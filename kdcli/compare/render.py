@@ -16,7 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from kdcli.compare.core import HIGHER, LOWER, Comparison, MetricCell, MetricRow, SetComparison, ValueRow
+from kdcli.compare.core import Comparison, ValueRow
+from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
+from kdcli.compare.ranking import HIGHER, LOWER
 
 FORMATS = ("table", "markdown", "json", "csv")
 MISSING = "—"

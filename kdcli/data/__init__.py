@@ -8,6 +8,9 @@
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # batch["labels"] is already shifted: labels[b, t] is the target of logits[b, t].
 
+Layout: `sources` (reading rows), `fields` (which column is prompt, context, response), `formatting` (prompt
+templates, `Examples`), `tokens` (token ids, response-only labels, truncation), `collate` (batches, torch).
+
 The collate names are imported lazily so that `import kdcli.data` (e.g. for `kd validate`) does not load torch.
 """
 
@@ -15,21 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kdcli.data.formatting import (
-    CONTEXT_COLUMNS,
-    IGNORE_INDEX,
-    PROMPT_COLUMNS,
-    RESPONSE_COLUMNS,
-    Examples,
-    FieldMap,
-    build_examples,
-    format_prompt,
-    load_examples,
-    prompt_and_reference,
-    resolve_fields,
-    tokenize_example,
-)
+from kdcli.data.fields import CONTEXT_COLUMNS, PROMPT_COLUMNS, RESPONSE_COLUMNS, FieldMap, resolve_fields
+from kdcli.data.formatting import Examples, build_examples, format_prompt, load_examples, prompt_and_reference
 from kdcli.data.sources import BUILTIN_DATASETS, load_rows, source_name
+from kdcli.data.tokens import IGNORE_INDEX, tokenize_example
 
 if TYPE_CHECKING:
     from kdcli.data.collate import Collator, micro_batches

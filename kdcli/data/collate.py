@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kdcli.data.formatting import IGNORE_INDEX
+from kdcli.data.tokens import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
