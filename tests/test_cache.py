@@ -147,13 +147,27 @@ def test_cache_mismatch_is_refused_with_a_table(cached: Path, tiny_teacher: Path
 
 def test_eval_split_missing_names_the_command(tiny_teacher: Path, tmp_path: Path) -> None:
     out = tmp_path / "train-only"
-    cache_cli(cache_recipe(tmp_path / "w", tiny_teacher), out, "--top-k", "8")
+    cache_cli(cache_recipe(tmp_path / "w", tiny_teacher), out, "--top-k", "8", "--split", "train")
     result = runner.invoke(app, ["distill", str(cache_recipe(tmp_path, tiny_teacher, out))])
     assert result.exit_code == 2 and "--split eval" in result.output and "data.eval: null" in result.output
     # ... and the command it names completes the cache, reusing the train split.
     output = cache_cli(cache_recipe(tmp_path / "w", tiny_teacher), out, "--top-k", "8", "--split", "eval")
     assert "train: already cached" in output or "eval" in output
     assert json.loads((out / fmt.MANIFEST).read_text())["splits"]["eval"]["complete"]
+
+
+def test_cache_teacher_by_default_caches_what_distill_reads(tiny_teacher: Path, tmp_path: Path) -> None:
+    """cache-teacher then distill with teacher.cache composes with no flags: the eval split is cached too."""
+    out = tmp_path / "default"
+    cache_cli(cache_recipe(tmp_path / "w", tiny_teacher), out, "--top-k", "8")
+    splits = json.loads((out / fmt.MANIFEST).read_text())["splits"]
+    assert set(splits) == {"train", "eval"} and all(entry["complete"] for entry in splits.values())
+    recipe = cache_recipe(tmp_path, tiny_teacher, out, train={"max_steps": 2})
+    result = runner.invoke(app, ["distill", str(recipe)])
+    assert result.exit_code == 0, result.output
+    no_eval = tmp_path / "no-eval"
+    cache_cli(cache_recipe(tmp_path / "w2", tiny_teacher, data={"eval": None}), no_eval, "--top-k", "8")
+    assert set(json.loads((no_eval / fmt.MANIFEST).read_text())["splits"]) == {"train"}
 
 
 def test_verify_names_a_truncated_or_altered_shard(cached: Path, tiny_teacher: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kdcli.cache.reader import CacheCollator, CachedSplit, CachedTeacher, verify_cache
-    from kdcli.cache.training import CacheForTraining, open_for_training, read_manifest_for
+    from kdcli.cache.training import CacheForTraining, open_for_training, read_manifest_for, splits_distill_reads
     from kdcli.cache.writer import write_cache
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "CachedTeacher",
     "open_for_training",
     "read_manifest_for",
+    "splits_distill_reads",
     "verify_cache",
     "write_cache",
 ]
@@ -37,6 +38,7 @@ _WHERE = {
     "CacheForTraining": "training",
     "open_for_training": "training",
     "read_manifest_for": "training",
+    "splits_distill_reads": "training",
     "write_cache": "writer",
 }
 

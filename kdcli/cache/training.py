@@ -28,6 +28,11 @@ class CacheForTraining:
     collate: CacheCollator
 
 
+def splits_distill_reads(recipe: Recipe) -> tuple[str, ...]:
+    """The splits `kd distill` scores from a cache: what `kd cache-teacher` writes by default."""
+    return ("train", "eval") if recipe.data.eval else ("train",)
+
+
 def read_manifest_for(recipe: Recipe, on_message: Any) -> tuple[Path, dict[str, Any]]:
     """The cache's folder and manifest (refused in one line when it is not a cache), with the notes for the user."""
     from kdcli.losses import is_tail_sensitive
@@ -54,8 +59,7 @@ def open_for_training(
     eval losses stay comparable to an online run's.
     """
     rows = differences(manifest.get("setup", {}), setup_of(recipe, tokenizer))
-    splits = ["train", "eval"] if recipe.data.eval else ["train"]
-    for split in splits:
+    for split in splits_distill_reads(recipe):
         spec = recipe.data.spec(split)
         assert spec is not None
         entry = manifest["splits"].get(split)

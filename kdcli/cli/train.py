@@ -111,7 +111,15 @@ def cache_teacher(
         int | None,
         typer.Option("--top-k", help="Teacher log-probs kept per position (cache.top_k).", show_default=False),
     ] = None,
-    split: Annotated[str, typer.Option("--split", help="What to cache: train, eval or all.")] = "train",
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            help="What to cache: train, eval or all. Default: what kd distill reads (train, and eval if the recipe "
+            "has data.eval).",
+            show_default=False,
+        ),
+    ] = None,
     verify: Annotated[
         Path | None, typer.Option("--verify", help="Check an existing cache's shards and exit.", show_default=False)
     ] = None,
@@ -136,17 +144,17 @@ def cache_teacher(
             return
         if recipe is None:
             raise KdError("cache-teacher: give a RECIPE to cache, or --verify DIR to check a cache.")
-        if split not in ("train", "eval", "all"):
+        if split not in (None, "train", "eval", "all"):
             raise KdError(f"--split: '{split}' is not one of train, eval, all.")
         if top_k is not None and top_k < 1:
             raise KdError(f"--top-k: {top_k} must be at least 1.")
-        from kdcli.cache import write_cache
+        from kdcli.cache import splits_distill_reads, write_cache
         from kdcli.cache.render import CacheProgress, summary_table
         from kdcli.recipe import load_recipe
 
         resolved = load_recipe(recipe, set_)
         target = out or Path(resolved.teacher.cache or Path(resolved.output_dir) / "caches" / resolved.name)
-        splits = ("train", "eval") if split == "all" else (split,)
+        splits = splits_distill_reads(resolved) if split is None else ("train", "eval") if split == "all" else (split,)
         bar = CacheProgress(console)
         try:
             manifest = write_cache(
