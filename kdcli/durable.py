@@ -82,3 +82,57 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+class FolderLock:
+    """An exclusive lock on a folder kd writes (a run folder, a cache), held by one process at a time.
+
+    The lock is `flock` on `.<name>.lock` beside the folder, not inside it: `--overwrite` replaces the folder, and
+    the lock must outlive that. The kernel drops a flock when its process dies, so a lock left by a killed run is
+    simply taken over; the file's text (pid, host, command, start time) only tells the refused user who holds it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self._handle: Any = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        from kdcli.errors import KdError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise KdError(
+                f"{self.folder}: in use by {holder}. Wait for it to finish or stop it; "
+                "two commands never write one folder."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        command = " ".join(["kd", *sys.argv[1:]])[:200]
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({command}, since {time.strftime('%H:%M:%S')})\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            # The file stays: unlinking it would let a third process lock a new file while a second waits on this one.
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

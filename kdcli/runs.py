@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from kdcli.durable import write_json, write_text_atomic
+from kdcli.durable import FolderLock, write_json, write_text_atomic
 from kdcli.errors import KdError
 from kdcli.recipe import Recipe
 
@@ -140,6 +140,11 @@ class RunFolder:
         return self.path / EVAL_DIR
 
     # --- creating
+
+    def lock(self) -> FolderLock:
+        """Held by the process writing this run (rank 0), from before any check until it ends; a second command
+        on the folder, `--overwrite` and `--resume` included, is refused naming the first."""
+        return FolderLock(self.path)
 
     def refuse_existing(self, overwrite: bool) -> None:
         """Raise the one-line refusal `create` would raise, without touching anything (checked before slow work)."""

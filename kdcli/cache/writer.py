@@ -27,7 +27,7 @@ from kdcli.cache.fingerprint import (
 )
 from kdcli.data import Collator, build_examples, load_rows
 from kdcli.data.formatting import Examples
-from kdcli.durable import write_bytes_atomic, write_json
+from kdcli.durable import FolderLock, write_bytes_atomic, write_json
 from kdcli.errors import KdError
 from kdcli.hardware import Runtime
 
@@ -87,6 +87,25 @@ def check_out_dir(out: Path, overwrite: bool) -> dict[str, Any] | None:
 
 
 def write_cache(
+    recipe: Recipe,
+    out: Path,
+    splits: Sequence[str] = ("train",),
+    *,
+    top_k: int | None = None,
+    overwrite: bool = False,
+    on_progress: Progress | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write (or finish) the cache of `splits` into `out`; return the manifest, whose `stats` hold the summary.
+
+    One process at a time: a second writer of the same cache is refused, naming the first."""
+    with FolderLock(out):
+        return _write_cache(
+            recipe, out, splits, top_k=top_k, overwrite=overwrite, on_progress=on_progress, on_message=on_message
+        )
+
+
+def _write_cache(
     recipe: Recipe,
     out: Path,
     splits: Sequence[str] = ("train",),

@@ -8,6 +8,7 @@ The parts are in `setup` (what is built before the loop), `loop` (one step, one 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,15 @@ def distill(
     """
     world = world_from_env()
     observer = observer if observer and world.is_main else SilentObserver()
-    started = time.perf_counter()
     folder = RunFolder.existing(resume) if resume else RunFolder.for_recipe(recipe)
+    with folder.lock() if world.is_main else contextlib.nullcontext():
+        return _distill(recipe, folder, world, observer, overwrite=overwrite, resume=resume is not None)
+
+
+def _distill(
+    recipe: Recipe, folder: RunFolder, world: World, observer: Observer, *, overwrite: bool, resume: bool
+) -> dict[str, Any]:
+    started = time.perf_counter()
     checkpoint = resume_checkpoint(folder, world) if resume else None
     if world.is_main and not resume:
         folder.refuse_existing(overwrite)  # before any slow work
