@@ -40,9 +40,11 @@ from kdcli.models import (
     check_tokenizers,
     count_parameters,
     kd_home,
+    load_model,
     load_teacher,
     load_tokenizer,
     resolve_model,
+    student_config,
 )
 from kdcli.recipe.schema import StudentConfig, TeacherConfig
 
@@ -492,6 +494,51 @@ def test_random_init_rederives_layer_patterns(tiny_teacher: Path, tmp_path: Path
     cfg = StudentConfig(init="random", model=str(tmp_path), overrides={"num_hidden_layers": 6})
     student, _ = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
     assert student.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 4
+
+
+def _config_fields(config) -> dict:
+    # from_config records the dtype it built with; the derivation is about everything else.
+    return {k: v for k, v in config.to_dict().items() if k not in {"dtype", "torch_dtype", "transformers_version"}}
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StudentConfig(layers=[1, 3]),
+        StudentConfig(layers="every-other"),
+        StudentConfig(init="random", overrides={"num_hidden_layers": 2, "hidden_size": 32}),
+    ],
+)
+def test_student_config_is_the_config_build_student_makes(
+    tiny_teacher: Path, tiny_teacher_model: PreTrainedModel, cfg: StudentConfig
+) -> None:
+    student, _ = build_student(cfg, str(tiny_teacher), torch.float32, seed=0, teacher=tiny_teacher_model)
+    derived = student_config(cfg, tiny_teacher_model.config)
+    assert _config_fields(derived) == _config_fields(student.config)
+
+
+def test_student_config_reads_student_model_with_the_given_reader(tiny_teacher: Path) -> None:
+    teacher = AutoConfig.from_pretrained(tiny_teacher)
+    read: list[tuple[str, str]] = []
+
+    def reader(spec: str, *, field: str):
+        read.append((spec, field))
+        return teacher
+
+    pretrained = StudentConfig(init="pretrained", model="some/student")
+    assert student_config(pretrained, teacher, read=reader) is teacher
+    random = StudentConfig(init="random", model="other/student", overrides={"num_hidden_layers": 1})
+    assert student_config(random, teacher, read=reader).num_hidden_layers == 1
+    assert read == [("some/student", "student.model"), ("other/student", "student.model")]
+    with pytest.raises(KdError, match=r"^student.layers: index 9"):
+        student_config(StudentConfig(layers=[9]), teacher)
+
+
+def test_load_model_is_public_and_names_the_field(tiny_teacher: Path, tmp_path: Path) -> None:
+    model = load_model(str(tiny_teacher), torch.float32, field="TARGET")
+    assert model.dtype == torch.float32 and model.config.num_hidden_layers == 4
+    with pytest.raises(KdError, match=r"^TARGET: no such folder"):
+        load_model(str(tmp_path / "missing"), torch.float32, field="TARGET")
 
 
 def test_unknown_override_suggests_the_key(tiny_teacher: Path) -> None:

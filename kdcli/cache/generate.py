@@ -1,8 +1,9 @@
 """Sequence-level KD (`data.responses: teacher`): the teacher writes the responses the student is trained on.
 
-Generation reuses `kd eval`'s batched, seeded, resumable pass (`kdcli.evaluation.generate`): every batch is reseeded
-from (generation.seed, batch index) and finished batches survive an interruption, so a resumed cache gets the same
-responses as an uninterrupted one. The data needs prompts only; a response column, if any, is ignored.
+Generation is the models layer's batched, seeded, resumable file pass (`kdcli.models.generate_file`), the one `kd
+eval` uses too: every batch is reseeded from (generation.seed, batch index) and finished batches survive an
+interruption, so a resumed cache gets the same responses as an uninterrupted one. The data needs prompts only; a
+response column, if any, is ignored.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.data import build_examples
 from kdcli.data.formatting import Examples, Split, prompt_and_reference
-from kdcli.evaluation.generate import GenerationSettings, generate_pass, read_pass
-from kdcli.evaluation.sets import EvalItem
+from kdcli.models import GenerationSettings, generate_file, read_generations
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,17 +57,20 @@ def teacher_examples(
         precision=recipe.train.precision,
     )
     if not path.is_file():  # a finished pass is only ever written whole (atomic rename)
-        items = [EvalItem(instruction=prompt, prompt=prompt, references=("",)) for prompt, _ in pairs]
-        generate_pass(
+        prompts = [prompt for prompt, _ in pairs]
+        generate_file(
             model,
             tokenizer,
-            items,
+            prompts,
             settings,
             gen.seed if gen.do_sample else None,
             path,
             batch_size=gen.batch_size,
+            # The columns responses.jsonl has always had (it once went through eval's rows), so the file does not
+            # change with the kd version that wrote it.
+            fields=[{"instruction": prompt, "prompt": prompt, "reference": ""} for prompt in prompts],
             on_progress=on_progress,
         )
-    responses = [row["response"] for row in read_pass(path)]
+    responses = [row["response"] for row in read_generations(path)]
     generated = [{**row, RESPONSE_COLUMN: text} for row, text in zip(rows, responses, strict=True)]
     return build_examples(generated, tokenizer, data, split, key)

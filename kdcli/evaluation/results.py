@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdcli.durable import write_json
 from kdcli.errors import KdError
-from kdcli.runs import write_json
 
 FORMAT = 1
 RESULTS_FILE = "results.json"
@@ -169,6 +169,6 @@ def update_results(eval_dir: Path, target: dict[str, Any], set_name: str, mode: 
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from kdcli.runs import write_text_atomic
+    from kdcli.durable import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

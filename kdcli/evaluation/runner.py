@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from kdcli.errors import KdError
-from kdcli.evaluation.generate import GenerationSettings, generate_pass, pass_file, pass_label, read_pass
+from kdcli.evaluation.generate import generate_pass, pass_file, pass_label
 from kdcli.evaluation.judge import (
     JudgeClient,
     JudgeSettings,
@@ -39,6 +39,7 @@ from kdcli.evaluation.results import (
 from kdcli.evaluation.sets import EvalSet, load_eval_set, parse_data_arg, set_name
 from kdcli.evaluation.targets import Target, resolve_target
 from kdcli.hardware import Runtime, check_device_spec, resolve_device, resolve_precision, saved_precision
+from kdcli.models import GenerationSettings, read_generations
 from kdcli.recipe.schema import DataFields
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
                 stats = {**stats, "device": runtime.describe()}
                 record_pass(set_dir, record, label, stats)
                 stats = {**stats, "reused": False}
-            rows = read_pass(path)
+            rows = read_generations(path)
             if len(rows) != len(eval_set):
                 raise KdError(f"{path}: has {len(rows)} rows for {len(eval_set)} examples. Pass --force to regenerate.")
             rows_by_pass[label] = rows
@@ -235,10 +236,10 @@ def _runtime(opts: EvalOptions, target: Target) -> Runtime:
 
 
 def _load_model(target: Target, runtime: Runtime, observer: EvalObserver) -> PreTrainedModel:
-    from kdcli.models.loading import _load_model as load_causal_lm
+    from kdcli.models import load_model
 
     observer.message(f"Loading {target.model} ({runtime.precision}, {runtime.device})")
-    model = load_causal_lm(target.model, runtime.inference_dtype, field="TARGET").to(runtime.device)
+    model = load_model(target.model, runtime.inference_dtype, field="TARGET").to(runtime.device)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -16,10 +16,9 @@ from pydantic import ValidationError
 from kdcli.errors import KdError
 from kdcli.recipe import DataConfig, Recipe, load_recipe, validate_recipe
 from kdcli.recipe.load import read_yaml
-from kdcli.runs import RECIPE_FILE, STUDENT_DIR
+from kdcli.runs import RECIPE_FILE, STUDENT_DIR, RunFolder
 
 TEACHER_PREFIX = "teacher:"
-EVAL_DIR = "eval"  # inside a run folder
 DEFAULT_OUT_ROOT = Path("evals")  # for targets that are not run folders: evals/<name>/
 
 TargetKind = Literal["run", "model", "teacher"]
@@ -93,24 +92,25 @@ def _path_or_id_target(spec: str, out: Path | None) -> Target:
 
 def _run_dir_of(path: Path) -> Path | None:
     """The run folder for `path` when it is one, or its `student/` subfolder; else None."""
-    if (path / RECIPE_FILE).is_file() and (path / STUDENT_DIR).is_dir():
+    folder = RunFolder(path)
+    if folder.recipe_file.is_file() and folder.student_dir.is_dir():
         return path
-    if path.name == STUDENT_DIR and (path.parent / RECIPE_FILE).is_file():
+    if path.name == STUDENT_DIR and RunFolder(path.parent).recipe_file.is_file():
         return path.parent
     return None
 
 
 def _run_target(run_dir: Path, out: Path | None) -> Target:
-    student = run_dir / STUDENT_DIR
+    folder = RunFolder(run_dir)
+    student = folder.student_dir
     if not (student / "config.json").is_file():
         raise KdError(
             f"TARGET: {student} has no config.json: the run did not finish saving its student. "
             "Re-run kd distill with --overwrite."
         )
-    recipe_file = run_dir / RECIPE_FILE
-    recipe = validate_recipe(read_yaml(recipe_file), source=str(recipe_file))
+    recipe = validate_recipe(read_yaml(folder.recipe_file), source=str(folder.recipe_file))
     name = _safe_name(run_dir.resolve().name)
-    return Target("run", name, str(student), recipe.data, out or run_dir / EVAL_DIR, recipe)
+    return Target("run", name, str(student), recipe.data, out or folder.eval_dir, recipe)
 
 
 def _with_template(target: Target, template: str) -> Target:

@@ -1,4 +1,6 @@
-"""Models: the built-in teacher, resolving/loading teachers and students, and the tokenizer compatibility check.
+"""Models: the built-in teacher, resolving/loading teachers and students, the tokenizer compatibility check, the
+one forward pass (`logits_of`) and the one generation service (`generate`, and `generate_file` for resumable
+passes on disk) that eval, sequence-level KD and on-policy training share.
 
 Importing this package is cheap: torch and transformers are imported only when a model is actually loaded, so
 `kd --help` and recipe validation stay fast.
@@ -9,37 +11,71 @@ from kdcli.models.builtin import (
     builtin_fingerprint,
     builtin_gguf_path,
     builtin_model_dir,
+    builtin_spec,
+    converted_builtin_dir,
     ensure_pad_token,
     is_builtin,
     kd_home,
 )
 from kdcli.models.forward import logits_of
+from kdcli.models.generation import (
+    Generation,
+    GenerationPlan,
+    GenerationSettings,
+    Prompt,
+    encode_prompts,
+    eval_mode,
+    generate,
+    generate_batch,
+    plan_generation,
+)
 from kdcli.models.loading import (
+    ConfigReader,
     build_student,
     check_tokenizers,
     count_parameters,
     load_config,
+    load_model,
     load_teacher,
     load_tokenizer,
     resolve_model,
+    student_config,
     vocab_fingerprint,
 )
+from kdcli.models.passes import generate_file, partial_file, read_generations
 
 __all__ = [
     "BUILTIN_MODELS",
+    "ConfigReader",
+    "Generation",
+    "GenerationPlan",
+    "GenerationSettings",
+    "Prompt",
     "build_student",
     "builtin_fingerprint",
     "builtin_gguf_path",
     "builtin_model_dir",
+    "builtin_spec",
     "check_tokenizers",
+    "converted_builtin_dir",
     "count_parameters",
+    "encode_prompts",
     "ensure_pad_token",
+    "eval_mode",
+    "generate",
+    "generate_batch",
+    "generate_file",
     "is_builtin",
     "kd_home",
     "load_config",
+    "load_model",
     "load_teacher",
     "load_tokenizer",
     "logits_of",
+    "partial_file",
+    "plan_generation",
+    "read_generations",
     "resolve_model",
+    "student_config",
     "vocab_fingerprint",
 ]

@@ -112,6 +112,17 @@ def _models_root() -> Path:
     return kd_home() / "models"
 
 
+def converted_builtin_dir(name: str) -> Path | None:
+    """The converted folder of a built-in model when a conversion finished there, else None; never converts.
+
+    For readers that must not pay ~20 s for a conversion (`kd plan`). Only the marker's presence is checked, not
+    its version: a config from an older conversion still describes the same architecture.
+    """
+    folder = _models_root() / builtin_spec(name).name
+    # The marker is written last, so with it the folder's config.json is complete.
+    return folder if (folder / MARKER).is_file() and (folder / "config.json").is_file() else None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

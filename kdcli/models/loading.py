@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from kdcli.recipe.schema import StudentConfig, TeacherConfig
+
+# Reads a model spec's config, called as `read(spec, field=...)`: `load_config`, or `kd plan`'s weight-free reader.
+ConfigReader = Callable[..., "PretrainedConfig"]
 
 BUILTIN_HINT = "Give a local folder or builtin:smollm2-135m-instruct."
 # `name` or `org/name`, as the Hub spells repository ids; anything else that does not exist is a mistyped path.
@@ -116,7 +120,11 @@ def load_tokenizer(
     return tokenizer
 
 
-def _load_model(spec: str, dtype: torch.dtype, *, field: str, on_message: Message | None = None) -> PreTrainedModel:
+def load_model(
+    spec: str, dtype: torch.dtype, *, field: str = "teacher.model", on_message: Message | None = None
+) -> PreTrainedModel:
+    """A causal LM from a model spec (builtin, folder or Hub id) in `dtype`, as `from_pretrained` leaves it; a
+    failure is a KdError naming `field`."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(spec, field=field, on_message=on_message)
@@ -129,7 +137,7 @@ def _load_model(spec: str, dtype: torch.dtype, *, field: str, on_message: Messag
 def load_teacher(cfg: TeacherConfig, dtype: torch.dtype, *, on_message: Message | None = None) -> PreTrainedModel:
     """The frozen teacher: eval mode, no gradients. (Whether to load it at all when `cfg.cache` is set is the
     caller's decision: `kd cache-teacher` needs it, training from a cache does not.)"""
-    model = _load_model(cfg.model, dtype, field="teacher.model", on_message=on_message)
+    model = load_model(cfg.model, dtype, field="teacher.model", on_message=on_message)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -177,6 +185,16 @@ def _kept_layers(layers: str | list[int], n_layers: int) -> list[int]:
     return list(layers)
 
 
+def _pruned_config(config: PretrainedConfig, kept: list[int]) -> PretrainedConfig:
+    """`config` cut to the layers `kept`, per-layer entries included."""
+    n_layers = config.num_hidden_layers
+    config_dict = config.to_dict()
+    for key in _per_layer_keys(config_dict, n_layers):
+        config_dict[key] = [config_dict[key][i] for i in kept]
+    config_dict[_num_layers_key(config)] = len(kept)
+    return type(config).from_dict(config_dict)
+
+
 def _pruned_copy(teacher: PreTrainedModel, kept: list[int], dtype: torch.dtype) -> PreTrainedModel:
     """A fresh model with the teacher's config cut to `kept` layers, and the teacher's weights copied in.
 
@@ -186,14 +204,7 @@ def _pruned_copy(teacher: PreTrainedModel, kept: list[int], dtype: torch.dtype) 
     """
     from transformers import AutoModelForCausalLM
 
-    config = teacher.config
-    n_layers = config.num_hidden_layers
-    config_dict = config.to_dict()
-    for key in _per_layer_keys(config_dict, n_layers):
-        config_dict[key] = [config_dict[key][i] for i in kept]
-    config_dict[_num_layers_key(config)] = len(kept)
-    student_config = type(config).from_dict(config_dict)
-    student = AutoModelForCausalLM.from_config(student_config, dtype=dtype)
+    student = AutoModelForCausalLM.from_config(_pruned_config(teacher.config, kept), dtype=dtype)
 
     prefix = _decoder_layers_name(teacher) + "."
     new_index = {old: new for new, old in enumerate(kept)}
@@ -251,6 +262,24 @@ def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> Pre
         raise KdError(f"student.overrides: {first_line}") from err
 
 
+def student_config(
+    cfg: StudentConfig, teacher: PretrainedConfig, *, read: ConfigReader = load_config
+) -> PretrainedConfig:
+    """The student's config as `build_student` makes it, from configs alone: no weights are loaded.
+
+    `teacher` is the teacher's config. `read(spec, field=...)` gives the config of `student.model` where the
+    recipe names one; `kd plan` passes a reader that never converts a built-in model.
+    """
+    if cfg.init == "pretrained":
+        assert cfg.model is not None  # the schema requires it
+        return read(cfg.model, field="student.model")
+    if cfg.init == "random":
+        base = read(cfg.model, field="student.model") if cfg.model else teacher
+        return _apply_overrides(base, cfg.overrides)
+    # init: teacher — the same layer cut `_pruned_copy` makes, on the config only.
+    return _pruned_config(teacher, _kept_layers(cfg.layers, teacher.num_hidden_layers))
+
+
 def build_student(
     cfg: StudentConfig,
     teacher_spec: str,
@@ -269,11 +298,11 @@ def build_student(
 
     if cfg.init == "pretrained":
         assert cfg.model is not None  # the schema requires it
-        student = _load_model(cfg.model, dtype, field="student.model", on_message=on_message)
+        student = load_model(cfg.model, dtype, field="student.model", on_message=on_message)
         tokenizer = load_tokenizer(cfg.model, field="student.model", on_message=on_message)
     elif cfg.init == "teacher":
         if teacher is None:
-            teacher = _load_model(teacher_spec, dtype, field="teacher.model", on_message=on_message)
+            teacher = load_model(teacher_spec, dtype, field="teacher.model", on_message=on_message)
         kept = _kept_layers(cfg.layers, teacher.config.num_hidden_layers)
         student = _pruned_copy(teacher, kept, dtype)
         tokenizer = load_tokenizer(teacher_spec, on_message=on_message)

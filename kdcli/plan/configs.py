@@ -62,54 +62,35 @@ class ModelShape:
 
 def model_config(spec: str, *, field: str = "teacher.model") -> PretrainedConfig:
     """The config of a model spec (builtin, folder or Hub id); never loads or converts weights."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
-    from kdcli.models.builtin import MARKER, _models_root, builtin_spec, is_builtin
-    from kdcli.models.loading import _hub_errors, _load_error, resolve_model
+    from kdcli.models import builtin_spec, converted_builtin_dir, is_builtin, load_config
 
-    if is_builtin(spec):
-        try:
-            builtin = builtin_spec(spec)
-        except KdError as err:
-            raise KdError(f"{field}: {err}") from None
-        folder = _models_root() / builtin.name
-        # The converted folder's config is the one training will use; the marker means the conversion finished.
-        if (folder / MARKER).is_file() and (folder / "config.json").is_file():
-            try:
-                return AutoConfig.from_pretrained(str(folder))
-            except _hub_errors():
-                pass  # a damaged conversion: `kd distill` will redo it; the known architecture still holds
-        known = BUILTIN_CONFIGS.get(builtin.name)
-        if known is None:  # a future builtin without a recorded architecture: fail loudly, never convert here
-            raise KdError(f"{field}: kd plan does not know the architecture of {spec}; run `kd distill` once first.")
-        fields = {k: v for k, v in known.items() if k != "model_type"}
-        return LlamaConfig(**fields)
-    resolved = resolve_model(spec, field=field)  # folders are checked; Hub ids pass through unchanged
+    if not is_builtin(spec):
+        return load_config(spec, field=field)  # folders are checked; Hub ids pass through unchanged
     try:
-        return AutoConfig.from_pretrained(resolved)
-    except _hub_errors() as err:
-        raise _load_error(field, spec, resolved, err) from err
+        builtin = builtin_spec(spec)
+    except KdError as err:
+        raise KdError(f"{field}: {err}") from None
+    # The converted folder's config is the one training will use.
+    folder = converted_builtin_dir(builtin.name)
+    if folder is not None:
+        try:
+            return load_config(str(folder), field=field)
+        except KdError:
+            pass  # a damaged conversion: `kd distill` will redo it; the known architecture still holds
+    known = BUILTIN_CONFIGS.get(builtin.name)
+    if known is None:  # a future builtin without a recorded architecture: fail loudly, never convert here
+        raise KdError(f"{field}: kd plan does not know the architecture of {spec}; run `kd distill` once first.")
+    fields = {k: v for k, v in known.items() if k != "model_type"}
+    return LlamaConfig(**fields)
 
 
 def student_config(recipe: Recipe, teacher: PretrainedConfig) -> PretrainedConfig:
-    """The student's config as `build_student` will make it, from configs alone."""
-    from kdcli.models.loading import _apply_overrides, _kept_layers, _num_layers_key, _per_layer_keys
+    """The student's config as `build_student` will make it, from configs alone (built-ins are not converted)."""
+    from kdcli.models import student_config as derive
 
-    cfg = recipe.student
-    if cfg.init == "pretrained":
-        assert cfg.model is not None  # the schema requires it
-        return model_config(cfg.model, field="student.model")
-    if cfg.init == "random":
-        base = model_config(cfg.model, field="student.model") if cfg.model else teacher
-        return _apply_overrides(base, cfg.overrides)
-    # init: teacher — the same layer cut as `_pruned_copy`, applied to the config only.
-    n_layers = teacher.num_hidden_layers
-    kept = _kept_layers(cfg.layers, n_layers)
-    config_dict = teacher.to_dict()
-    for key in _per_layer_keys(config_dict, n_layers):
-        config_dict[key] = [config_dict[key][i] for i in kept]
-    config_dict[_num_layers_key(teacher)] = len(kept)
-    return type(teacher).from_dict(config_dict)
+    return derive(recipe.student, teacher, read=model_config)
 
 
 def _int(config: Any, *names: str, default: int | None = None) -> int:
