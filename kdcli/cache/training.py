@@ -44,8 +44,9 @@ def read_manifest_for(recipe: Recipe, on_message: Any) -> tuple[Path, dict[str, 
     if is_tail_sensitive(recipe.loss.divergence) and recipe.loss.kd_ratio > 0:
         # The tail bucket hides the student's spread inside the teacher's tail, which reverse KL weights heavily.
         on_message(
-            f"Note: {recipe.loss.divergence} from a top-K cache differs from online training while the student is far "
-            "from its teacher (docs/cache.md, 'Which divergences suit a cache')."
+            f"Note: {recipe.loss.divergence} from a top-K cache trains a different objective than online unless K "
+            "covers most of the student's mass, trained students included (docs/cache.md, 'Which divergences suit "
+            "a cache'); prefer the online teacher for it."
         )
     return root, manifest
 

@@ -243,7 +243,7 @@ class ChunkedDivergence:
     stat_names: ClassVar[tuple[str, ...]] = ()
     needs_target: ClassVar[bool] = False
     # Weighs the student's spread inside the teacher's tail heavily, which a top-K cache's tail bucket hides: from a
-    # cache it trains differently from online while the student is far from its teacher (docs/cache.md).
+    # cache it trains differently from online unless K covers most of the student's mass (docs/cache.md).
     tail_sensitive: ClassVar[bool] = False
 
     def __init__(self, *, temperature: float, chunk_size: int | None) -> None:

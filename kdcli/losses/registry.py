@@ -114,7 +114,7 @@ def get_loss(name: str, **params: Any) -> ChunkedDivergence:
 
 
 def is_tail_sensitive(name: str) -> bool:
-    """Whether the divergence `name` trains differently from a top-K cache than online while the student is far from
-    its teacher (its tail bucket hides what the divergence weighs; docs/cache.md). False for an unknown name."""
+    """Whether the divergence `name` trains differently from a top-K cache than online unless K covers most of the
+    student's mass (its tail bucket hides what the divergence weighs; docs/cache.md). False for an unknown name."""
     spec = LOSSES.get(name)
     return spec is not None and spec.cls.tail_sensitive
