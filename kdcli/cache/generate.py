@@ -35,7 +35,7 @@ def teacher_examples(
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> Examples:
     """Generate (or reuse from `path`) a response for each selected row, then tokenize prompt + response."""
-    limit = recipe.data.max_train_examples if split == "train" else recipe.data.max_eval_examples
+    limit = recipe.data.max_examples(split)
     # Every row with a prompt is used, so the first `limit` rows are exactly the ones selected.
     rows = [{**row, RESPONSE_COLUMN: "-"} for row in (rows[:limit] if limit else rows)]
     data = recipe.data.model_copy(
