@@ -29,6 +29,7 @@ from kdcli.engine.loop import Session
 from kdcli.engine.observer import Observer, SilentObserver
 from kdcli.engine.setup import prepare, runtime_for, save_student, seed_everything
 from kdcli.engine.state import TrainingState
+from kdcli.hardware import Runtime
 from kdcli.models import count_parameters
 from kdcli.recipe import Recipe
 from kdcli.runs import MetricsLog, RunFolder, RunRecord, environment_info
@@ -46,21 +47,29 @@ def distill(
     """
     world = world_from_env()
     observer = observer if observer and world.is_main else SilentObserver()
+    started = time.perf_counter()
     folder = RunFolder.existing(resume) if resume else RunFolder.for_recipe(recipe)
+    check_global_batch(recipe, world.world_size)
+    ds_config = deepspeed_config(recipe, world.world_size) if uses_deepspeed(recipe, world) else None
+    runtime = runtime_for(recipe, world, ds_config)  # a missing GPU is refused before the folder is touched
     with folder.lock() if world.is_main else contextlib.nullcontext():
-        return _distill(recipe, folder, world, observer, overwrite=overwrite, resume=resume is not None)
+        checkpoint = resume_checkpoint(folder, world) if resume else None
+        if world.is_main and not resume:
+            folder.refuse_existing(overwrite)  # before any slow work
+        return _distill(recipe, folder, world, runtime, ds_config, observer, overwrite, checkpoint, started)
 
 
 def _distill(
-    recipe: Recipe, folder: RunFolder, world: World, observer: Observer, *, overwrite: bool, resume: bool
+    recipe: Recipe,
+    folder: RunFolder,
+    world: World,
+    runtime: Runtime,
+    ds_config: dict[str, Any] | None,
+    observer: Observer,
+    overwrite: bool,
+    checkpoint: Path | None,
+    started: float,
 ) -> dict[str, Any]:
-    started = time.perf_counter()
-    checkpoint = resume_checkpoint(folder, world) if resume else None
-    if world.is_main and not resume:
-        folder.refuse_existing(overwrite)  # before any slow work
-    check_global_batch(recipe, world.world_size)
-    ds_config = deepspeed_config(recipe, world.world_size) if uses_deepspeed(recipe, world) else None
-    runtime = runtime_for(recipe, world, ds_config)
     seed_everything(recipe.seed)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
