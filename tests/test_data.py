@@ -253,7 +253,7 @@ def test_missing_column_lists_columns(tokenizer: Any) -> None:
 def test_non_text_cell_is_an_error(tokenizer: Any) -> None:
     rows = [{"question": "x", "answer": {"text": ["y"]}}]
     message = error_of(build_examples, rows, tokenizer, DataConfig(), "train", "data.train")
-    assert "column 'answer' holds a dict in row 0" in message
+    assert "row 1: 'answer' holds an object" in message
 
 
 # --- prompts -------------------------------------------------------------------------------------------------
@@ -441,7 +441,8 @@ def test_shifted_labels_match_the_model_loss(tiny_teacher: Path, tokenizer: Any)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    examples = build_examples(DOLLY + ALPACA, tokenizer, DataConfig(), "train", "data.train")
+    as_dolly = [{"instruction": r["instruction"], "context": r["input"], "response": r["output"]} for r in ALPACA]
+    examples = build_examples(DOLLY + as_dolly, tokenizer, DataConfig(), "train", "data.train")
     batch = Collator.for_tokenizer(tokenizer)(list(examples))
     unshifted = torch.full_like(batch["labels"], IGNORE_INDEX)
     for b, raw in enumerate(examples.labels):

@@ -26,26 +26,39 @@ class FieldMap:
     context: str | None
     response: str
 
-    def extract(self, row: Mapping[str, Any], key: str = "data", index: int = 0) -> dict[str, str]:
-        """`{"prompt", "context", "response"}` of one row as text; missing or null cells become ""."""
+    def extract(self, row: Mapping[str, Any], key: str = "data", where: str = "row 1") -> dict[str, str]:
+        """`{"prompt", "context", "response"}` of one row as text; `where` names the row (`train.jsonl line 7`).
+
+        The prompt and the response must be present and text (numbers are written out, e.g. a numeric answer read
+        from Parquet); a missing or null context is "". Anything else is a `KdError` naming the row, the column
+        and the `data.fields` setting to change.
+        """
         return {
-            "prompt": _text(row.get(self.prompt), self.prompt, key, index),
-            "context": _text(row.get(self.context), self.context, key, index) if self.context else "",
-            "response": _text(row.get(self.response), self.response, key, index),
+            "prompt": _text(row, self.prompt, "prompt", key, where),
+            "context": _text(row, self.context, "context", key, where) if self.context else "",
+            "response": _text(row, self.response, "response", key, where),
         }
 
 
-def _text(value: Any, column: str, key: str, index: int) -> str:
-    if value is None:
-        return ""
+_NAMES = {list: "a list", dict: "an object", tuple: "a list"}
+
+
+def _text(row: Mapping[str, Any], column: str, role: str, key: str, where: str) -> str:
+    value = row.get(column)
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float, bool)):
         return str(value)  # e.g. a numeric answer column read from Parquet
-    raise KdError(
-        f"{key}: column '{column}' holds a {type(value).__name__} in row {index}, not text. "
-        f"Point data.fields at a text column."
-    )
+    if value is None and role == "context":
+        return ""  # the context is optional
+    fix = f"remove the row, or set data.fields.{role} to the column that holds the {role}s"
+    if role == "context":
+        fix += ' (or to "" to use no context)'
+    if value is None:
+        what = f"{where} has no '{column}'" if column not in row else f"{where}: '{column}' is null"
+        raise KdError(f"{key}: {what} (the {role}). Fill it in, {fix}.")
+    held = _NAMES.get(type(value), f"a {type(value).__name__}")
+    raise KdError(f"{key}: {where}: '{column}' holds {held}, not text (the {role}). Make it a string, {fix}.")
 
 
 def columns_of(rows: Sequence[Mapping[str, Any]], sample: int = 1000) -> list[str]:

@@ -8,13 +8,13 @@ the token ids, labels and truncation from `tokens`.
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kdcli.data.fields import FieldMap, columns_of, resolve_fields
-from kdcli.data.sources import first_line, load_rows, source_name
+from kdcli.data.sources import first_line, load_rows, place_of, source_name
 from kdcli.data.tokens import assemble, bos_to_add, encode_pairs, eos_id
 from kdcli.errors import KdError, did_you_mean
 from kdcli.recipe.schema import DataConfig
@@ -112,7 +112,7 @@ class Examples(Sequence[dict[str, list[int]]]):
     source: str = ""
     fields: FieldMap | None = None
     n_rows: int = 0  # rows read (stops early once max_*_examples examples are kept)
-    n_dropped: int = 0  # rows without a response
+    n_dropped: int = 0  # rows skipped: an empty response (or a prompt that formats to no tokens)
     n_truncated: int = 0  # examples cut to max_length
     n_prompt_truncated: int = 0  # ... of which the prompt itself had to be cut
     tokens: int = 0
@@ -152,7 +152,7 @@ class Examples(Sequence[dict[str, list[int]]]):
 
     def summary(self) -> str:
         """One line for the console, e.g. `train: 900 examples from train.jsonl (1 dropped, 12 truncated) ...`."""
-        notes = [f"{self.n_dropped} dropped: no response"] if self.n_dropped else []
+        notes = [f"{self.n_dropped} dropped: empty response"] if self.n_dropped else []
         if self.n_truncated:
             notes.append(f"{self.n_truncated} truncated")
         note = f" ({', '.join(notes)})" if notes else ""
@@ -171,7 +171,8 @@ def _source_of(cfg: DataConfig, split: Split) -> str:
 def _selected(
     rows: Sequence[Mapping[str, Any]], cfg: DataConfig, split: Split, key: str
 ) -> tuple[FieldMap, Iterator[tuple[int, dict[str, str]]]]:
-    """Resolve the columns, then yield (row index, fields) of rows that have a response."""
+    """Resolve the columns, then yield (row index, fields) of every row; a row without a prompt or response
+    (missing, null, not text) is a `KdError` naming its line."""
     source = _source_of(cfg, split)
     if not rows:
         raise KdError(f"{key}: {source} has no rows.")
@@ -179,7 +180,7 @@ def _selected(
 
     def generate() -> Iterator[tuple[int, dict[str, str]]]:
         for index, row in enumerate(rows):
-            yield index, fmap.extract(row, key, index)
+            yield index, fmap.extract(row, key, f"{source} {place_of(rows, index)}")
 
     return fmap, generate()
 
@@ -190,28 +191,34 @@ def build_examples(
     cfg: DataConfig,
     split: Split,
     key: str,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Examples:
     """Format and tokenize `rows` (see `format_prompt`, `tokenize_example`) into `Examples`.
 
-    Keeps the first `cfg.max_{split}_examples` usable examples (rows without a response are dropped and counted,
-    not used up). Raises `KdError` naming `key` when columns are missing or no example is left.
+    Keeps the first `cfg.max_{split}_examples` usable examples. Rows whose response is empty (or whose prompt
+    formats to no tokens) are skipped, not used up, and counted in `n_dropped`; `on_warning` (default: a
+    `warning:` line on stderr) then gets ONE message that counts them and names their first lines. Raises
+    `KdError` naming `key` when columns are missing, a row's prompt or response is missing or not text, or no
+    example is left.
     """
     source = _source_of(cfg, split)
     fmap, selected = _selected(rows, cfg, split, key)
     limit = cfg.max_examples(split)
     eos, bos = eos_id(tokenizer), bos_to_add(tokenizer)
     out = Examples(split=split, source=source, fields=fmap)
+    skipped: dict[str, list[int]] = {"response": [], "prompt": []}  # row indices, by what was empty
 
-    def flush(batch: list[dict[str, str]]) -> None:
-        prompts = [format_prompt(f, tokenizer, cfg) for f in batch]
-        prompt_ids, response_ids = encode_pairs(prompts, [f["response"] for f in batch], tokenizer, bos)
-        for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
+    def flush(batch: list[tuple[int, dict[str, str]]]) -> None:
+        prompts = [format_prompt(f, tokenizer, cfg) for _, f in batch]
+        prompt_ids, response_ids = encode_pairs(prompts, [f["response"] for _, f in batch], tokenizer, bos)
+        for (index, _), p_ids, r_ids in zip(batch, prompt_ids, response_ids, strict=True):
             if limit is not None and len(out) >= limit:
                 return
             out.n_rows += 1
             example = assemble(p_ids, r_ids, eos_token_id=eos, max_length=cfg.max_length, bos_token_id=bos)
             if example is None:
                 out.n_dropped += 1
+                skipped["response" if not r_ids else "prompt"].append(index)
                 continue
             out.input_ids.append(example["input_ids"])
             out.labels.append(example["labels"])
@@ -220,15 +227,16 @@ def build_examples(
             out.tokens += len(example["input_ids"])
             out.response_tokens += len(example["input_ids"]) - example["prompt_length"]
 
-    batch: list[dict[str, str]] = []
-    for _, row_fields in selected:
+    batch: list[tuple[int, dict[str, str]]] = []
+    for index, row_fields in selected:
         if limit is not None and len(out) >= limit:
             break
         if not row_fields["response"].strip():
             out.n_rows += 1
             out.n_dropped += 1
+            skipped["response"].append(index)
             continue
-        batch.append(row_fields)
+        batch.append((index, row_fields))
         # Never tokenize far past the limit: a 10-example smoke run on a 1M-row file stays instant.
         want = _CHUNK if limit is None else min(_CHUNK, max(1, limit - len(out)))
         if len(batch) >= want:
@@ -237,12 +245,36 @@ def build_examples(
     if batch:
         flush(batch)
 
+    labels = {"response": f"an empty '{fmap.response}'", "prompt": "a prompt that formats to no tokens"}
+    kinds = [kind for kind in ("response", "prompt") if skipped[kind]]
     if not out:
         raise KdError(
-            f"{key}: no usable examples in {source}: {out.n_rows} row(s) read, all without a "
-            f"'{fmap.response}' response. Check data.fields.response."
+            f"{key}: no usable examples in {source}: {out.n_rows} row(s) read, all with "
+            f"{' or '.join(labels[k] for k in kinds)}. Fill in the responses, or set data.fields.response to the "
+            "column that holds them."
+        )
+    if out.n_dropped:
+        reasons = [
+            f"{f'{len(skipped[k])} with ' if len(kinds) > 1 else ''}{labels[k]} ({_places(rows, skipped[k])})"
+            for k in kinds
+        ]
+        what = f" with {reasons[0]}" if len(reasons) == 1 else ": " + ", ".join(reasons)
+        (on_warning or _warn_on_stderr)(
+            f"{key}: skipped {out.n_dropped} of {out.n_rows} rows of {source}{what}. Fill them in or remove them."
         )
     return out
+
+
+def _places(rows: Sequence[Any], indices: list[int], shown: int = 3) -> str:
+    """`line 2, line 4, line 9, ...`: where the first `shown` of these rows are."""
+    return ", ".join(place_of(rows, i) for i in indices[:shown]) + (", ..." if len(indices) > shown else "")
+
+
+def _warn_on_stderr(text: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]warning:[/yellow] {escape(text)}")
 
 
 def prompt_and_reference(
@@ -269,10 +301,15 @@ def prompt_and_reference(
     return pairs
 
 
-def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: Split) -> Examples | None:
+def load_examples(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    split: Split,
+    on_warning: Callable[[str], None] | None = None,
+) -> Examples | None:
     """Read and tokenize `cfg.train` or `cfg.eval` (None when `data.eval` is null). Errors name `data.<split>`."""
     spec = cfg.spec(split)
     if spec is None:
         return None
     key = f"data.{split}"
-    return build_examples(load_rows(spec, split, key), tokenizer, cfg, split, key)
+    return build_examples(load_rows(spec, split, key), tokenizer, cfg, split, key, on_warning)

@@ -8,10 +8,11 @@ sizes a distillation run uses, writes nothing to the cache, and lets errors name
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -41,8 +42,33 @@ _HF_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
+class Rows(list[dict[str, Any]]):
+    """The rows of one source, a plain list that also knows where each row came from, for error messages.
+
+    `lines`: the 1-based line each row starts on (JSON lines, CSV); without them rows are counted as `unit`s
+    ("item" of a JSON list, "row" of a table), from 1. A slice is a plain list again (see `place_of`).
+    """
+
+    def __init__(
+        self, rows: Iterable[dict[str, Any]] = (), name: str = "", lines: list[int] | None = None, unit: str = "row"
+    ) -> None:
+        super().__init__(rows)
+        self.name, self.lines, self.unit = name, lines, unit
+
+    def place(self, index: int) -> str:
+        """Where row `index` (0-based) is, e.g. `line 7` or `item 3`."""
+        if self.lines is not None and 0 <= index < len(self.lines):
+            return f"line {self.lines[index]}"
+        return f"{self.unit} {index + 1}"
+
+
+def place_of(rows: Sequence[Any], index: int) -> str:
+    """`line 7` / `item 3` for rows read by `load_rows`, `row N` (1-based) for any other sequence."""
+    return rows.place(index) if isinstance(rows, Rows) else f"row {index + 1}"
+
+
 def load_rows(spec: str, split: Split, key: str) -> list[dict[str, Any]]:
-    """Read every row of the data source `spec` as a list of dicts.
+    """Read every row of the data source `spec` as a list of dicts (a `Rows`, which knows each row's line).
 
     `spec` is `builtin:<name>` (the `split` file of a packaged data set), a local `.jsonl`/`.json`/`.parquet`/
     `.csv`/`.tsv` file, or a Hugging Face dataset id `org/name` or `org/name:split`. `key` is the recipe path of
@@ -101,7 +127,7 @@ def _load_builtin(spec: str, split: Split, key: str) -> list[dict[str, Any]]:
             "Reinstall kd, or point the setting at your own data file."
         )
     text = resource.read_text(encoding="utf-8")
-    return _parse_jsonl(text.splitlines(), f"{spec} ({file_name})", key)
+    return _parse_jsonl(text.split("\n"), f"{spec} ({file_name})", key)
 
 
 # --- local files ---------------------------------------------------------------------------------------------
@@ -117,14 +143,18 @@ def _load_local(path: Path, spec: str, key: str) -> list[dict[str, Any]]:
             f"Use one of {', '.join(LOCAL_SUFFIXES)}."
         )
     try:
-        if suffix in (".jsonl", ".ndjson"):
-            rows = _parse_jsonl(_read_lines(path, key), path.name, key)
-        elif suffix == ".json":
-            rows = _parse_json(_read_text(path, key), path.name, key)
-        elif suffix == ".parquet":
+        if path.stat().st_size == 0:
+            raise KdError(f"{key}: '{path.name}' is empty (0 bytes). Point {key} at a file with examples.")
+        if suffix == ".parquet":
             rows = _read_parquet(path, key)
         else:
-            rows = _read_csv(path, key, delimiter="\t" if suffix == ".tsv" else ",")
+            text = _decode(path.read_bytes(), path.name, key)
+            if suffix in (".jsonl", ".ndjson"):
+                rows = _parse_jsonl(text.split("\n"), path.name, key)
+            elif suffix == ".json":
+                rows = _parse_json(text, path.name, key)
+            else:
+                rows = _read_csv(text, path.name, key, delimiter="\t" if suffix == ".tsv" else ",")
     except OSError as err:
         raise KdError(f"{key}: cannot read '{spec}': {err.strerror or err}.") from err
     if not rows:
@@ -132,20 +162,40 @@ def _load_local(path: Path, spec: str, key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_text(path: Path, key: str) -> str:
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
+def _decode(data: bytes, name: str, key: str) -> str:
+    """The text of a data file. Binary, UTF-16 and other non-UTF-8 files are errors that say where."""
+
+    def line_of(offset: int) -> int:
+        return data.count(b"\n", 0, offset) + 1
+
+    if data.startswith(_UTF16_32_BOMS):
+        raise KdError(f"{key}: '{name}' is UTF-16 (or UTF-32) text, not UTF-8. Re-save it as UTF-8.")
+    # Files saved by Windows editors often start with a BOM that json.loads rejects: drop it.
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        # utf-8-sig: files saved by Windows editors often start with a BOM that json.loads rejects.
-        return path.read_text(encoding="utf-8-sig")
+        text, bad = data[skip:].decode("utf-8"), None
     except UnicodeDecodeError as err:
-        raise KdError(f"{key}: '{path.name}' is not UTF-8 text (byte {err.start}). Re-save it as UTF-8.") from err
+        text, bad = "", skip + err.start
+    nul = data.find(b"\x00")
+    if nul >= 0:  # NUL is valid UTF-8 but never in a text data file: a binary file (or a mislabelled one)
+        at = nul if bad is None else min(nul, bad)
+        raise KdError(
+            f"{key}: '{name}' is not UTF-8 text but looks like a binary file (byte {at}, line {line_of(at)}). "
+            f"Point {key} at a UTF-8 JSON lines, JSON or CSV file, or at a .parquet file."
+        )
+    if bad is not None:
+        raise KdError(f"{key}: '{name}' is not UTF-8 text (byte {bad}, line {line_of(bad)}). Re-save it as UTF-8.")
+    return text
 
 
-def _read_lines(path: Path, key: str) -> list[str]:
-    return _read_text(path, key).splitlines()
-
-
-def _parse_jsonl(lines: Iterable[str], name: str, key: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _parse_jsonl(lines: Iterable[str], name: str, key: str) -> Rows:
+    # `lines` is the text split on "\n" only: str.splitlines also splits on U+2028 and other separators that
+    # JSON allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them).
+    rows = Rows(name=name, lines=[], unit="line")
+    assert rows.lines is not None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue  # blank lines (often a trailing one) are harmless
@@ -162,16 +212,19 @@ def _parse_jsonl(lines: Iterable[str], name: str, key: str) -> list[dict[str, An
                 'Each line must be one object like {"instruction": ..., "response": ...}.'
             )
         rows.append(row)
+        rows.lines.append(number)
     return rows
 
 
-def _parse_json(text: str, name: str, key: str) -> list[dict[str, Any]]:
+def _parse_json(text: str, name: str, key: str) -> Rows:
+    if not text.strip():
+        return Rows(name=name)  # whitespace only: reported as a file without rows
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
             # A `.json` file holding one object per line: read it as JSON lines rather than failing.
-            return _parse_jsonl(text.splitlines(), name, key)
+            return _parse_jsonl(text.split("\n"), name, key)
         raise KdError(
             f"{key}: {name} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). Fix it there."
         ) from err
@@ -187,11 +240,17 @@ def _parse_json(text: str, name: str, key: str) -> list[dict[str, Any]]:
             )
         data = [data]
     if not isinstance(data, list):
-        raise KdError(f"{key}: {name} holds a JSON {_json_type(data)}; expected a list of objects.")
+        raise KdError(
+            f"{key}: {name} holds a JSON {_json_type(data)}; expected a list of objects. "
+            'Save the examples as [{"instruction": ..., "response": ...}, ...], or as JSON lines.'
+        )
     for index, row in enumerate(data):
         if not isinstance(row, dict):
-            raise KdError(f"{key}: {name} item {index} is a JSON {_json_type(row)}; every item must be an object.")
-    return data
+            raise KdError(
+                f"{key}: {name} item {index + 1} is a JSON {_json_type(row)}; expected a list of objects "
+                'like {"instruction": ..., "response": ...}. Fix or remove that item.'
+            )
+    return Rows(data, name=name, unit="item")
 
 
 def first_line(err: BaseException) -> str:
@@ -205,39 +264,45 @@ def _json_type(value: Any) -> str:
     )
 
 
-def _read_parquet(path: Path, key: str) -> list[dict[str, Any]]:
+def _read_parquet(path: Path, key: str) -> Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        return Rows(pq.read_table(path).to_pylist(), name=path.name)
     except pa.ArrowException as err:
         raise KdError(f"{key}: '{path.name}' is not a readable Parquet file ({first_line(err)}).") from err
 
 
-_CSV_EXTRA = "\x00extra"
-
-
-def _read_csv(path: Path, key: str, delimiter: str) -> list[dict[str, Any]]:
+def _read_csv(text: str, name: str, key: str, delimiter: str) -> Rows:
     # The csv module keeps every value a string (pyarrow would turn a numeric answer column into ints) and
-    # reports the line of a malformed row.
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        # Surplus cells go under a sentinel key (so they are reported, not silently dropped); short rows get "".
-        reader = csv.DictReader(handle, delimiter=delimiter, restkey=_CSV_EXTRA, restval="")
-        try:
-            rows = []
-            for row in reader:
-                extra = row.pop(_CSV_EXTRA, None)
-                if extra:
-                    raise KdError(
-                        f"{key}: {path.name} line {reader.line_num} has {len(extra)} more cell(s) than the header "
-                        f"({', '.join(reader.fieldnames or [])}). Quote values that contain '{delimiter}'."
-                    )
-                rows.append(row)
-        except csv.Error as err:
-            raise KdError(f"{key}: {path.name} line {reader.line_num}: malformed CSV ({first_line(err)}).") from err
-        except UnicodeDecodeError as err:
-            raise KdError(f"{key}: '{path.name}' is not UTF-8 text. Re-save it as UTF-8.") from err
+    # reports the line of a malformed row. `csv.reader` (not DictReader) so that each row's first line is known
+    # exactly: a quoted cell may span lines, and blank lines come back as empty rows instead of being skipped.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    rows = Rows(name=name, lines=[], unit="line")
+    assert rows.lines is not None
+    try:
+        while True:
+            start = reader.line_num + 1
+            cells = next(reader, None)
+            if cells is None:
+                break
+            if not cells:
+                continue
+            if header is None:
+                header = cells
+                continue
+            if len(cells) > len(header):
+                raise KdError(
+                    f"{key}: {name} line {start} has {len(cells) - len(header)} more cell(s) than the header "
+                    f"({', '.join(header)}). Quote values that contain '{delimiter}'."
+                )
+            # Short rows get "" for their missing cells, as csv.DictReader gives them.
+            rows.append(dict(zip(header, [*cells, *[""] * (len(header) - len(cells))], strict=True)))
+            rows.lines.append(start)
+    except csv.Error as err:
+        raise KdError(f"{key}: {name} line {reader.line_num}: malformed CSV ({first_line(err)}).") from err
     return rows
 
 
@@ -283,7 +348,7 @@ def _load_hub(dataset_id: str, pinned: str | None, split: Split, key: str) -> li
         raise KdError(f"{key}: '{dataset_id}' is a streaming/iterable dataset; kd needs a regular one.")
     if len(dataset) == 0:
         raise KdError(f"{key}: dataset '{dataset_id}' has no rows in that split.")
-    return dataset.to_list()
+    return Rows(dataset.to_list(), name=dataset_id)
 
 
 def _hub_error(dataset_id: str, key: str, err: Exception) -> KdError:
