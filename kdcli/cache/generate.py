@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.data import build_examples
-from kdcli.data.formatting import Examples, Split, prompt_and_reference
+from kdcli.data.formatting import Examples, Split, prompt_and_reference, with_teacher_responses
 from kdcli.models import GenerationSettings, generate_file, read_generations
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from kdcli.recipe import Recipe
-
-# The column the generated response is put in: a name no dataset uses, so it never collides with a real column.
-RESPONSE_COLUMN = "__kd_teacher_response__"
 
 
 def teacher_examples(
@@ -35,18 +32,9 @@ def teacher_examples(
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> Examples:
     """Generate (or reuse from `path`) a response for each selected row, then tokenize prompt + response."""
-    limit = recipe.data.max_examples(split)
-    # Every row with a prompt is used, so the first `limit` rows are exactly the ones selected.
-    rows = [{**row, RESPONSE_COLUMN: "-"} for row in (rows[:limit] if limit else rows)]
-    data = recipe.data.model_copy(
-        update={
-            "fields": recipe.data.fields.model_copy(update={"response": RESPONSE_COLUMN}),
-            "max_train_examples": None,
-            "max_eval_examples": None,
-        }
-    )
+    placeholders, data = with_teacher_responses(rows, recipe.data, split)
     key = f"data.{split}"
-    pairs = prompt_and_reference(rows, tokenizer, data, split, key)
+    pairs = prompt_and_reference(placeholders, tokenizer, data, split, key)
     gen = recipe.generation
     settings = GenerationSettings(
         max_new_tokens=gen.max_new_tokens,
@@ -72,5 +60,5 @@ def teacher_examples(
             on_progress=on_progress,
         )
     responses = [row["response"] for row in read_generations(path)]
-    generated = [{**row, RESPONSE_COLUMN: text} for row, text in zip(rows, responses, strict=True)]
+    generated, _ = with_teacher_responses(rows, recipe.data, split, responses)
     return build_examples(generated, tokenizer, data, split, key)

@@ -25,7 +25,7 @@ from kdcli.cache.fingerprint import (
     setup_of,
     teacher_fingerprint,
 )
-from kdcli.data import Collator, build_examples, load_rows
+from kdcli.data import Collator, build_examples, read_split
 from kdcli.data.formatting import Examples
 from kdcli.durable import FolderLock, write_bytes_atomic, write_json
 from kdcli.errors import KdError
@@ -117,7 +117,7 @@ def _write_cache(
 ) -> dict[str, Any]:
     """Write (or finish) the cache of `splits` into `out`; return the manifest, whose `stats` hold the summary."""
 
-    from kdcli.models import load_teacher, load_tokenizer
+    from kdcli.models import load_config, load_teacher, load_tokenizer
 
     say = on_message or (lambda _: None)
     started = time.perf_counter()
@@ -127,32 +127,24 @@ def _write_cache(
     previous = check_out_dir(out, overwrite)
     runtime = Runtime.of(recipe.train.device, recipe.train.precision)
 
-    say(f"Loading teacher {recipe.teacher.model}")
+    # Everything that needs no weights is checked first: the data, the tokenizer, the settings of a cache to finish.
+    rows_of = {split: read_split(recipe.data, split) for split in splits}  # type: ignore[arg-type]
     tokenizer = load_tokenizer(recipe.teacher.model)
-    model = load_teacher(recipe.teacher, runtime.inference_dtype).to(runtime.device)
-    vocab = int(model.config.get_text_config().vocab_size)
+    vocab = int(load_config(recipe.teacher.model).get_text_config().vocab_size)
     if not 1 <= top_k <= vocab:
         raise KdError(f"cache.top_k: {top_k} must be between 1 and the teacher's vocabulary size {vocab}.")
     manifest: dict[str, Any] = {
         "format": fmt.FORMAT,
         "version": fmt.VERSION,
-        "teacher": {**teacher_fingerprint(recipe.teacher.model, model), "parameters": model.num_parameters()},
         "setup": setup_of(recipe, tokenizer),
         "writer": writer_settings(recipe, top_k, vocab),
         "splits": {},
     }
     if previous is not None:
-        _check_resumable(previous, manifest, out)
+        _check_resumable(previous, manifest, out, ("setup", "writer"))
         manifest["splits"] = previous.get("splits", {})
-
-    compute_seconds = 0.0  # forward + top-K + writing, without loading: what the writer's overhead is measured on
-    collate = Collator.for_tokenizer(tokenizer)
-    for split in splits:
-        key = f"data.{split}"
-        spec = recipe.data.spec(split)
-        assert spec is not None
-        rows = load_rows(spec, split, key)
-        data_fp = data_fingerprint(recipe, split, rows)
+    data_fps = {split: data_fingerprint(recipe, split, rows) for split, rows in rows_of.items() if rows is not None}
+    for split, data_fp in data_fps.items():
         entry = manifest["splits"].get(split)
         if entry is not None and entry.get("data") != data_fp:
             raise mismatch_error(
@@ -160,6 +152,21 @@ def _write_cache(
                 differences(entry.get("data", {}), data_fp, "data."),
                 "Pass --overwrite to rebuild the cache, or choose another --out.",
             )
+
+    say(f"Loading teacher {recipe.teacher.model}")
+    model = load_teacher(recipe.teacher, runtime.inference_dtype).to(runtime.device)
+    fingerprint = teacher_fingerprint(recipe.teacher.model, model)
+    teacher = {"teacher": {**fingerprint, "parameters": model.num_parameters()}}
+    manifest = {k: manifest[k] for k in ("format", "version")} | teacher | manifest
+    if previous is not None:
+        _check_resumable(previous, manifest, out, ("teacher",))
+
+    compute_seconds = 0.0  # forward + top-K + writing, without loading: what the writer's overhead is measured on
+    collate = Collator.for_tokenizer(tokenizer)
+    for split in splits:
+        rows, data_fp = rows_of[split], data_fps[split]
+        assert rows is not None
+        entry = manifest["splits"].get(split)
         if entry is None:
             entry = {"data": data_fp, "shards": [], "complete": False}
             manifest["splits"][split] = entry
@@ -200,9 +207,9 @@ def _write_cache(
     return manifest
 
 
-def _check_resumable(previous: dict[str, Any], current: dict[str, Any], out: Path) -> None:
-    recorded = {k: previous.get(k) for k in ("teacher", "setup", "writer")}
-    wanted = {k: current[k] for k in ("teacher", "setup", "writer")}
+def _check_resumable(previous: dict[str, Any], current: dict[str, Any], out: Path, parts: Sequence[str]) -> None:
+    recorded = {k: previous.get(k) for k in parts}
+    wanted = {k: current[k] for k in parts}
     rows = differences(recorded, wanted)
     if rows:
         raise mismatch_error(

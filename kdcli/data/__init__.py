@@ -19,7 +19,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kdcli.data.fields import CONTEXT_COLUMNS, PROMPT_COLUMNS, RESPONSE_COLUMNS, FieldMap, resolve_fields
-from kdcli.data.formatting import Examples, build_examples, format_prompt, load_examples, prompt_and_reference
+from kdcli.data.formatting import (
+    Examples,
+    build_examples,
+    format_prompt,
+    load_examples,
+    prompt_and_reference,
+    read_split,
+)
 from kdcli.data.sources import BUILTIN_DATASETS, load_rows, source_name
 from kdcli.data.tokens import IGNORE_INDEX, tokenize_example
 
@@ -41,6 +48,7 @@ __all__ = [
     "load_rows",
     "micro_batches",
     "prompt_and_reference",
+    "read_split",
     "resolve_fields",
     "source_name",
     "tokenize_example",

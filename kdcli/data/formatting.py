@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kdcli.data.fields import FieldMap, columns_of, resolve_fields
-from kdcli.data.sources import first_line, load_rows, place_of, source_name
+from kdcli.data.sources import Rows, first_line, load_rows, place_of, source_name
 from kdcli.data.tokens import assemble, bos_to_add, encode_pairs, eos_id
 from kdcli.errors import KdError, did_you_mean
 from kdcli.recipe.schema import DataConfig
@@ -301,6 +301,50 @@ def prompt_and_reference(
     return pairs
 
 
+# `data.responses: teacher`: the column the generated response is put in, a name no data set uses.
+TEACHER_RESPONSE_COLUMN = "__kd_teacher_response__"
+
+
+def with_teacher_responses(
+    rows: Sequence[Mapping[str, Any]], cfg: DataConfig, split: Split, responses: Sequence[str] | None = None
+) -> tuple[list[dict[str, Any]], DataConfig]:
+    """`data.responses: teacher` rows as `build_examples` reads them, and the data config to read them with.
+
+    The first `max_<split>_examples` rows (every row with a prompt is used), each with `responses` (a placeholder
+    before they are generated) in `TEACHER_RESPONSE_COLUMN`, which the returned config's `fields.response` names.
+    """
+    limit = cfg.max_examples(split)
+    kept = rows[:limit] if limit else rows
+    texts = ["-"] * len(kept) if responses is None else responses
+    out: list[dict[str, Any]] = [{**row, TEACHER_RESPONSE_COLUMN: text} for row, text in zip(kept, texts, strict=True)]
+    if isinstance(rows, Rows):  # keep each row's line for error messages
+        out = Rows(out, name=rows.name, lines=None if rows.lines is None else rows.lines[: len(out)], unit=rows.unit)
+    fields = cfg.fields.model_copy(update={"response": TEACHER_RESPONSE_COLUMN})
+    data = cfg.model_copy(update={"fields": fields, "max_train_examples": None, "max_eval_examples": None})
+    return out, data
+
+
+def read_split(cfg: DataConfig, split: Split) -> list[dict[str, Any]] | None:
+    """The rows of `data.<split>` (None when `data.eval` is null), with their columns and rows checked: what
+    `build_examples` would refuse (a missing file, a broken line, no prompt/response column, a missing or
+    non-text response) fails here, before any model is loaded. Needs no tokenizer.
+
+    Rows are checked up to the `max_<split>_examples` with a non-empty response, the ones training reads."""
+    spec = cfg.spec(split)
+    if spec is None:
+        return None
+    key = f"data.{split}"
+    rows = load_rows(spec, split, key)
+    checked, checked_cfg = with_teacher_responses(rows, cfg, split) if cfg.responses == "teacher" else (rows, cfg)
+    _, selected = _selected(checked, checked_cfg, split, key)
+    limit, kept = checked_cfg.max_examples(split), 0
+    for _, row_fields in selected:
+        kept += bool(row_fields["response"].strip())
+        if limit is not None and kept >= limit:
+            break
+    return rows
+
+
 def load_examples(
     cfg: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -308,8 +352,7 @@ def load_examples(
     on_warning: Callable[[str], None] | None = None,
 ) -> Examples | None:
     """Read and tokenize `cfg.train` or `cfg.eval` (None when `data.eval` is null). Errors name `data.<split>`."""
-    spec = cfg.spec(split)
-    if spec is None:
+    rows = read_split(cfg, split)
+    if rows is None:
         return None
-    key = f"data.{split}"
-    return build_examples(load_rows(spec, split, key), tokenizer, cfg, split, key, on_warning)
+    return build_examples(rows, tokenizer, cfg, split, f"data.{split}", on_warning)

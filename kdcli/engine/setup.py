@@ -16,13 +16,21 @@ from typing import Any
 
 import torch
 
-from kdcli.data import Collator, build_examples, load_rows
+from kdcli.data import Collator, build_examples, read_split
 from kdcli.engine.distributed import World, init_deepspeed
 from kdcli.engine.observer import Observer
 from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
 from kdcli.errors import KdError
 from kdcli.hardware import Runtime
-from kdcli.models import build_student, check_tokenizers, load_teacher, load_tokenizer
+from kdcli.models import (
+    build_student,
+    check_tokenizers,
+    load_config,
+    load_teacher,
+    load_tokenizer,
+    student_config,
+    student_tokenizer,
+)
 from kdcli.recipe import Recipe
 
 
@@ -51,10 +59,12 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
-    """Load the teacher (or open its cache), build the student, check that they agree, and tokenize the data.
+    """Check the data, the tokenizers and the cache, then load the teacher (or open its cache) and build the student.
 
-    With `teacher.cache` the teacher never runs: examples and targets stream from the cache. With
-    `student.init: teacher` the teacher's weights are then read once to cut the student and dropped at once."""
+    Everything that can be checked without weights is checked first, so a typo in a path or a column fails in
+    seconds, not after a large teacher has loaded. With `teacher.cache` the teacher never runs: examples and targets
+    stream from the cache. With `student.init: teacher` the teacher's weights are then read once to cut the student
+    and dropped at once."""
     if recipe.teacher.cache:
         return _prepare_cached(recipe, observer)
     if recipe.data.responses == "teacher":
@@ -62,19 +72,21 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
             "data.responses: `teacher` trains on responses the teacher generated, which `kd cache-teacher` writes. "
             "Run `kd cache-teacher RECIPE --out DIR`, then set teacher.cache: DIR."
         )
-    observer.message(f"Loading teacher {recipe.teacher.model}")
+    train_rows, eval_rows = read_split(recipe.data, "train"), read_split(recipe.data, "eval")
+    assert train_rows is not None  # data.train is required
     teacher_tokenizer = load_tokenizer(recipe.teacher.model)
-    teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
-    student, tokenizer = _student(recipe, observer, teacher_model)
-    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_model.config, student.config)
-    teacher = OnlineTeacher(teacher_model, runtime, width, recipe.teacher.model)
-
-    train_rows = load_rows(recipe.data.train, "train", "data.train")
+    tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
+    teacher_config = load_config(recipe.teacher.model)
+    width = check_tokenizers(
+        teacher_tokenizer, tokenizer, teacher_config, student_config(recipe.student, teacher_config)
+    )
     train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
-    eval_set = None
-    if recipe.data.eval:
-        eval_rows = load_rows(recipe.data.eval, "eval", "data.eval")
-        eval_set = build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+
+    observer.message(f"Loading teacher {recipe.teacher.model}")
+    teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
+    student = _student(recipe, observer, teacher_model)
+    teacher = OnlineTeacher(teacher_model, runtime, width, recipe.teacher.model)
     return Prepared(teacher, student, tokenizer, width, train_set, eval_set, Collator(tokenizer.pad_token_id))
 
 
@@ -82,16 +94,18 @@ def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
     from kdcli.cache import open_for_training, read_manifest_for
 
     root, manifest = read_manifest_for(recipe, observer.message)
-    student, tokenizer = _student(recipe, observer, None)
-    vocab = int(student.config.get_text_config().vocab_size)
-    cache = open_for_training(recipe, root, manifest, tokenizer, vocab)
+    tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
+    config = student_config(recipe.student, load_config(recipe.teacher.model))
+    cache = open_for_training(recipe, root, manifest, tokenizer, int(config.get_text_config().vocab_size))
+    student = _student(recipe, observer, None)
     return Prepared(cache.teacher, student, tokenizer, cache.width, cache.train_set, cache.eval_set, cache.collate)
 
 
-def _student(recipe: Recipe, observer: Observer, teacher: Any) -> tuple[torch.nn.Module, Any]:
+def _student(recipe: Recipe, observer: Observer, teacher: Any) -> torch.nn.Module:
     observer.message(f"Building student ({recipe.student.init})")
     # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
-    return build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
+    student, _ = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
+    return student
 
 
 def save_student(

@@ -40,6 +40,7 @@ from kdcli.models.loading import (
     load_tokenizer,
     resolve_model,
     student_config,
+    student_tokenizer,
     vocab_fingerprint,
 )
 from kdcli.models.passes import generate_file, partial_file, read_generations
@@ -77,5 +78,6 @@ __all__ = [
     "read_generations",
     "resolve_model",
     "student_config",
+    "student_tokenizer",
     "vocab_fingerprint",
 ]

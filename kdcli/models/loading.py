@@ -84,8 +84,15 @@ def _load_error(field: str, spec: str, resolved: str, err: BaseException) -> KdE
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What a failed load raises: OSError for missing files/Hub, ValueError for an unknown model type."""
+    """What a failed load raises: OSError for missing files/Hub, ValueError for an unknown model type,
+    SafetensorError for a truncated or corrupt weight file."""
     errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
     try:
         from huggingface_hub.errors import StrictDataclassError
 
@@ -280,6 +287,16 @@ def student_config(
     return _pruned_config(teacher, _kept_layers(cfg.layers, teacher.num_hidden_layers))
 
 
+def student_tokenizer(
+    cfg: StudentConfig, teacher_spec: str, *, on_message: Message | None = None
+) -> PreTrainedTokenizerBase:
+    """The student's tokenizer, without weights: its own for `init: pretrained`, the teacher's otherwise."""
+    if cfg.init == "pretrained":
+        assert cfg.model is not None  # the schema requires it
+        return load_tokenizer(cfg.model, field="student.model", on_message=on_message)
+    return load_tokenizer(teacher_spec, on_message=on_message)
+
+
 def build_student(
     cfg: StudentConfig,
     teacher_spec: str,
@@ -299,22 +316,19 @@ def build_student(
     if cfg.init == "pretrained":
         assert cfg.model is not None  # the schema requires it
         student = load_model(cfg.model, dtype, field="student.model", on_message=on_message)
-        tokenizer = load_tokenizer(cfg.model, field="student.model", on_message=on_message)
     elif cfg.init == "teacher":
         if teacher is None:
             teacher = load_model(teacher_spec, dtype, field="teacher.model", on_message=on_message)
         kept = _kept_layers(cfg.layers, teacher.config.num_hidden_layers)
         student = _pruned_copy(teacher, kept, dtype)
-        tokenizer = load_tokenizer(teacher_spec, on_message=on_message)
     else:
         source, field = (cfg.model, "student.model") if cfg.model else (teacher_spec, "teacher.model")
         config = _apply_overrides(load_config(source, field=field, on_message=on_message), cfg.overrides)
         torch.manual_seed(seed)
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tokenizer = load_tokenizer(teacher_spec, on_message=on_message)
     student.train()
     student.requires_grad_(True)
-    return student, tokenizer
+    return student, student_tokenizer(cfg, teacher_spec, on_message=on_message)
 
 
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
