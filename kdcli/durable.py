@@ -1,14 +1,29 @@
-"""Durable files: what the model conversion, the teacher cache and checkpoints need to publish a write whole."""
+"""Durable files: what the model conversion, the teacher cache and checkpoints need to publish a write whole.
+
+A write that fails (a full disk, or any other OSError) becomes `DiskFull`, one line naming the file the user knows,
+the space it needed and the space left: `disk_errors` is the one place that translates, and the writers here use
+it, so a failed write also leaves no temporary and no torn line behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from kdcli.errors import KdError
+
+# Writers that do their own I/O (torch's zip writer, safetensors' Rust one) report a full disk in their own words.
+_NO_SPACE = re.compile(r"no space left|os error 28|storagefull|disk quota exceeded", re.IGNORECASE)
+_WRITE_FAILED = re.compile(r"iostream error|file write failed|unexpected pos|i/o error", re.IGNORECASE)
 
 
 def sha256_file(path: Path) -> str:
@@ -55,25 +70,133 @@ def fsync_tree(root: Path, *, share: bool = False) -> None:
         fsync_dir(Path(dirpath))
 
 
+class DiskFull(KdError):
+    """A write that failed (a full disk, or any other OSError): one line naming the path, the space it needed and
+    the space left. `next_step` is how to carry on; the command that knows better (`kd distill`: resume) sets it."""
+
+    def __init__(self, path: Path, needed: int | None, reason: str | None) -> None:
+        self.path, self.needed, self.reason = Path(path), needed, reason
+        self.free = free_bytes(self.path)
+        self.next_step = "run the same command again; what finished is kept"
+        super().__init__(str(self))
+
+    def __str__(self) -> str:  # read when shown, so that `next_step` can still be changed on the way up
+        space = f"{'?' if self.free is None else format_bytes(self.free)} free"
+        if self.needed:
+            space = f"needs ~{format_bytes(self.needed)}, {space}"
+        if self.reason is None:
+            return f"no space left on device writing {self.path} ({space}). Free space, then {self.next_step}."
+        return f"could not write {self.path}: {self.reason} ({space}). Fix that, then {self.next_step}."
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a failed write inside the block into `DiskFull` for `path` (what the user knows: the checkpoint, the
+    shard, not a temporary name). Partial work is undone inside the block, so the free space reported is what the
+    user will find. `needed`: the bytes the write takes, when known."""
+    try:
+        yield
+    except KdError:
+        raise
+    except Exception as err:
+        failure = _write_failure(err)
+        if failure is None:
+            raise
+        code, reason = failure
+        full = code in (errno.ENOSPC, errno.EDQUOT)
+        if code is None:  # no errno to go by: a shortfall of space is the likely cause
+            free = free_bytes(Path(path))
+            full = needed is not None and free is not None and free < needed
+        raise DiskFull(path, needed, None if full else reason) from err
+
+
+def _write_failure(err: BaseException) -> tuple[int | None, str] | None:
+    """(errno, reason) when `err` or an exception it arose from is a failed write; None for anything else."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for exc in chain:
+        if isinstance(exc, OSError):
+            return exc.errno, exc.strerror or str(exc)
+    for exc in chain:
+        if _NO_SPACE.search(str(exc)):
+            return errno.ENOSPC, "no space left on device"
+        if _WRITE_FAILED.search(str(exc)):
+            return None, f"the write failed ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem that holds `path` (or would: the nearest folder that exists)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(folder).free
+            return None
+    return None
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def tree_bytes(root: Path) -> int:
+    """The bytes of every file under `root`: what writing that folder again will take."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_bytes_atomic(path: Path, data: bytes, *, share: bool = False) -> None:
     """Temporary name in the same folder, fsync, rename, fsync the folder: `path` is always whole or absent.
 
-    `share` gives the file the umask's permissions instead of mkstemp's private 0600 (a cache a team shares)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        if share:
-            umask = current_umask()
-            os.chmod(tmp, 0o666 & ~(0o022 if umask is None else umask))
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    `share` gives the file the umask's permissions instead of mkstemp's private 0600 (a cache a team shares).
+    A failed write (a full disk) removes the temporary and raises `DiskFull`; the old `path`, if any, stays."""
+    with disk_errors(path, len(data)):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            if share:
+                umask = current_umask()
+                os.chmod(tmp, 0o666 & ~(0o022 if umask is None else umask))
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     fsync_dir(path.parent)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` (whole lines) to `path`, or leave the file as it was: a failed append is cut back off, so a
+    torn line cannot glue itself to the next line a resumed run appends. Raises `DiskFull`."""
+    data = text.encode("utf-8")
+    with disk_errors(path, len(data)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -103,8 +226,6 @@ class FolderLock:
         import sys
         import time
 
-        from kdcli.errors import KdError
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
         try:
@@ -120,8 +241,11 @@ class FolderLock:
         handle.seek(0)
         handle.truncate()
         command = " ".join(["kd", *sys.argv[1:]])[:200]
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({command}, since {time.strftime('%H:%M:%S')})\n")
-        handle.flush()
+        holder = f"pid {os.getpid()} on {socket.gethostname()} ({command}, since {time.strftime('%H:%M:%S')})\n"
+        # Unbuffered and allowed to fail: the text is a courtesy to a refused user, and a full disk must not stop
+        # the command here (its first real write reports the full disk, with the path and the space).
+        with contextlib.suppress(OSError):
+            os.write(handle.fileno(), holder.encode("utf-8"))
         self._handle = handle
 
     def release(self) -> None:

@@ -9,6 +9,9 @@
 
 `kd distill` creates a folder through `RunFolder.create` (which refuses to replace a non-empty one unless asked),
 `--resume` opens one through `RunFolder.existing`, and `kd compare` reads the typed `RunRecord`.
+
+What a killed run or a damaged disk leaves is decided here too: `read_record`, `read_metrics` and `check_student`
+name the broken file and the fix in one line, and a metrics line cut off by a kill is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ import dataclasses
 import json
 import platform
 import shutil
+import struct
 import subprocess
 import sys
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kdcli.durable import FolderLock, write_json, write_text_atomic
-from kdcli.errors import KdError
+from kdcli.durable import FolderLock, append_text, write_json, write_text_atomic
+from kdcli.errors import KdError, KdWarning
 from kdcli.recipe import Recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -68,8 +75,16 @@ class RunRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they were
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+    def from_dict(cls, data: dict[str, Any], source: str = RUN_FILE) -> RunRecord:
+        """Missing keys take their defaults; a known key of the wrong type is a `KdError` naming `source`."""
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key in sorted(known & set(data)):
+            if data[key] is not None and not _has_type(data[key], hints[key]):
+                raise KdError(
+                    f"{source}: '{key}' is {_short(data[key])}, not {_type_name(hints[key])}. The file is damaged: "
+                    "restore it from a copy, or re-run kd distill --overwrite."
+                )
         # A null is the default of every optional field, and stands for "nothing" in the others.
         record = cls(**{k: v for k, v in data.items() if k in known and v is not None})
         record.extra = {k: v for k, v in data.items() if k not in known}
@@ -107,8 +122,17 @@ class RunFolder:
         """A folder that must already be a kd run (resume, eval, compare)."""
         folder = cls(path)
         if not folder.recipe_file.is_file():
+            if folder.looks_like_a_run():
+                raise KdError(
+                    f"{flag} {path}: {RECIPE_FILE} is missing, and kd needs the recipe the run was made with. "
+                    "Restore it from a copy."
+                )
             raise KdError(f"{flag} {path}: not a kd run folder (no {RECIPE_FILE}).")
         return folder
+
+    def looks_like_a_run(self) -> bool:
+        """Whether the folder holds what only kd distill writes, whatever is missing (its recipe, say)."""
+        return any((self.path / name).exists() for name in (RUN_FILE, METRICS_FILE, CHECKPOINTS_DIR))
 
     def __str__(self) -> str:
         return str(self.path)
@@ -170,25 +194,157 @@ class RunFolder:
     def write_record(self, record: RunRecord) -> None:
         write_json(self.record_file, record.as_dict())
 
+    def read_record(self) -> RunRecord:
+        """`run.json`, which kd distill writes last: absent while a run has not finished."""
+        path = self.record_file
+        if not path.is_file():
+            why = "the run did not finish (it has a recipe.yaml)." if self.recipe_file.is_file() else None
+            raise KdError(f"{self.path}: no {RUN_FILE} — {why or 'is this a kd run folder?'} Run kd distill first.")
+        fix = "The run did not finish writing it: re-run kd distill --overwrite."
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise KdError(f"{path}: not valid JSON ({_first_line(err)}). {fix}") from None
+        if not isinstance(data, dict):
+            raise KdError(f"{path}: expected a JSON object. {fix}")
+        return RunRecord.from_dict(data, source=str(path))
+
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         write_json(self.path / name, data)
 
     def metrics_log(self) -> MetricsLog:
         return MetricsLog(self.metrics_file)
 
+    def read_metrics(self, *, warn: bool = True) -> list[dict[str, Any]]:
+        """The records of `metrics.jsonl` ([] before the first). Its last line, when a kill cut it off mid-write, is
+        skipped with a warning; any other broken line is a `KdError` naming it, since only a damaged disk or an
+        editor makes one, and a guess at what it held would be silently wrong."""
+        return [row for _, row in self._metric_lines(warn)]
+
     def truncate_metrics(self, step: int) -> None:
         """Drop the records a killed run logged after its last checkpoint: the resumed run logs them again."""
         if self.metrics_file.exists():
-            lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if _record_step(line) <= step]
+            kept = [line for line, row in self._metric_lines(warn=False) if row.get("step", 0) <= step]
             write_text_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
 
+    def _metric_lines(self, warn: bool) -> list[tuple[str, dict[str, Any]]]:
+        path = self.metrics_file
+        if not path.is_file():
+            return []
+        fix = "Delete or repair that line (kd writes one JSON object per line)."
+        # Undecodable bytes become U+FFFD, so that they fail as the JSON of their own line.
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                if number < len(lines):
+                    raise KdError(f"{path}: line {number} is not valid JSON ({_first_line(err)}). {fix}") from None
+                if warn:
+                    message = f"{path}: line {number} was cut off mid-write (the run was killed); skipping it."
+                    warnings.warn(message, KdWarning, stacklevel=3)
+                break
+            if not isinstance(row, dict):
+                raise KdError(f"{path}: line {number} is not a JSON object. {fix}")
+            if "step" in row and not _has_type(row["step"], int):
+                raise KdError(f"{path}: line {number} has step {_short(row['step'])}, not an integer. {fix}")
+            rows.append((line, row))
+        return rows
 
-def _record_step(line: str) -> int:
+    # --- the student
+
+    def check_student(self, flag: str = "TARGET") -> None:
+        """Refuse, in one line, a `student/` that a killed or failed run left half-written: no or broken
+        config.json, no weights, or a safetensors file shorter than its header says (what a kill mid-save leaves)."""
+        student = self.student_dir
+        fix = "the run did not finish saving its student. Re-run kd distill with --overwrite."
+        config = student / "config.json"
+        if not config.is_file():
+            raise KdError(f"{flag}: {student} has no config.json: {fix}")
+        try:
+            if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise KdError(f"{flag}: {config} is not a JSON object ({_first_line(err)}): {fix}") from None
+        index = student / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(_index_shards(index, f"{flag}: {index} is damaged: {fix}")))
+        elif (student / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        elif any(student.glob("pytorch_model*.bin")):
+            return  # an older format kd never writes: transformers checks it on load
+        else:
+            raise KdError(f"{flag}: {student} has no weights (model.safetensors): {fix}")
+        for name in shards:
+            problem = _safetensors_problem(student / name)
+            if problem:
+                raise KdError(f"{flag}: {student / name} {problem}: {fix}")
+
+
+def _index_shards(index: Path, refusal: str) -> list[str]:
     try:
-        return int(json.loads(line).get("step", 0))
-    except ValueError:
-        return 1 << 62  # a line cut off by the kill
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise KdError(refusal) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise KdError(refusal)
+    return list(weight_map.values())
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole, from its header alone: 8 bytes of header length, the JSON header, then
+    the tensors, the last of which ends where the file must end. Reads the header, not the weights."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"is cut short ({size} bytes, not even its header)"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+            return "has a damaged header"
+    if 8 + length + end != size:
+        return f"is cut short ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation, to the depth kd's readers rely on (no bool for a number)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is Any:
+            return True
+        if isinstance(value, bool) and origin is not bool:
+            continue
+        if origin is float and isinstance(value, int | float):
+            return True
+        if isinstance(origin, type) and isinstance(value, origin):
+            args = typing.get_args(option)
+            if origin is list and args and not all(_has_type(item, args[0]) for item in value):
+                continue
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join(names.get(typing.get_origin(o) or o, str(o)) for o in options if o is not type(None))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def recipe_yaml(recipe: Recipe) -> str:
@@ -224,15 +380,15 @@ def git_commit() -> str | None:
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl`, flushed per line so a crashed run keeps what it logged."""
+    """Append-only `metrics.jsonl`, one whole line per write, so a crashed run keeps what it logged and a full disk
+    (`DiskFull`) leaves no torn line behind."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = path.open("a", encoding="utf-8")
+        append_text(path, "")  # created at once, as the run starts
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        append_text(self.path, json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self._handle.close()
+        pass  # nothing held open between lines

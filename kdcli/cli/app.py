@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from kdcli.errors import KdError
+from kdcli.errors import KdError, KdWarning
 
 app = typer.Typer(
     name="kd",
@@ -73,6 +74,27 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_kd_warnings() -> None:
+    """What kd skipped (`KdWarning`) is one `warning:` line on stderr, like its errors; other warnings (those of
+    torch, transformers) keep Python's format."""
+    shown = warnings.showwarning
+    if getattr(shown, "kd", False):
+        return
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, KdWarning):
+            shown(message, category, filename, lineno, *args, **kwargs)
+            return
+        from rich.markup import escape
+
+        from kdcli.ui import err_console
+
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+    show.kd = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
@@ -81,3 +103,4 @@ def _root(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    _show_kd_warnings()

@@ -17,7 +17,7 @@ from typing import Any
 from kdcli.errors import KdError
 from kdcli.evaluation.results import read_json
 from kdcli.recipe.load import read_yaml
-from kdcli.runs import RUN_FILE, RunFolder, RunRecord
+from kdcli.runs import RunFolder, RunRecord
 
 RESULTS_FILE = "results.json"
 
@@ -89,27 +89,43 @@ def load_run(path: Path) -> RunData:
     if not path.is_dir():
         raise KdError(f"{path}: is a file, not a run folder. Give the folder kd distill wrote (<output_dir>/<name>).")
     folder = RunFolder(path)
-    if not folder.record_file.is_file():
-        has_recipe = folder.recipe_file.is_file()
-        why = "the run did not finish (it has a recipe.yaml)." if has_recipe else "is this a kd run folder?"
-        raise KdError(f"{path}: no {RUN_FILE} — {why} Run kd distill first.")
-    fix = "The run did not finish writing it: re-run kd distill --overwrite."
-    run = RunRecord.from_dict(_read_object(folder.record_file, fix))
+    run = folder.read_record()
     if not folder.recipe_file.is_file():
         raise KdError(
             f"{folder.recipe_file}: missing. kd distill writes it with run.json; restore it or re-run the run."
         )
     recipe = read_yaml(folder.recipe_file)  # raw, not validated: a recipe from an older kd still compares
-    lines = _read_jsonl(folder.metrics_file, "Restore it or re-run kd distill.", torn_tail_ok=True)
+    lines = folder.read_metrics()  # a last line cut off by a kill is skipped, with a warning
     steps = [line for line in lines if "loss" in line]
     evals = [line for line in lines if "eval_loss" in line]
     results_file = folder.eval_dir / RESULTS_FILE
     results = None
     if results_file.is_file():
         results = _read_object(results_file, "Delete it: kd eval rebuilds it from the generations, which it reuses.")
-        if not isinstance(results.get("sets", {}), dict):
-            raise KdError(f"{results_file}: 'sets' is not an object. Delete it and re-run kd eval on this run.")
+        _check_results(results, results_file)
     return RunData(path.name, path, recipe, run, steps, evals, results)
+
+
+_ENTRY_KEYS = (("metrics", dict, "an object"), ("settings", dict, "an object"), ("seeds", list, "a list"),
+               ("mode", str, "a string"), ("data", str, "a string"))  # fmt: skip
+
+
+def _check_results(results: dict[str, Any], path: Path) -> None:
+    """The shape of results.json that compare reads ({set: {mode: entry}}), so that a damaged one is one line."""
+    fix = "Delete it and re-run kd eval on this run."
+    sets = results.get("sets", {})
+    if not isinstance(sets, dict):
+        raise KdError(f"{path}: 'sets' is not an object. {fix}")
+    for name, modes in sets.items():
+        if not isinstance(modes, dict) or not all(isinstance(entry, dict) for entry in modes.values()):
+            raise KdError(f"{path}: 'sets.{name}' is not an object of modes (sampling, greedy). {fix}")
+        for mode, entry in modes.items():
+            for key, kind, what in _ENTRY_KEYS:
+                if entry.get(key) is not None and not isinstance(entry[key], kind):
+                    raise KdError(f"{path}: 'sets.{name}.{mode}.{key}' is not {what}. {fix}")
+            for metric, value in (entry.get("metrics") or {}).items():
+                if not isinstance(value, dict) or not isinstance(value.get("per_seed") or {}, dict):
+                    raise KdError(f"{path}: 'sets.{name}.{mode}.metrics.{metric}' is not an object. {fix}")
 
 
 def _read_object(path: Path, fix: str) -> dict[str, Any]:
@@ -118,8 +134,8 @@ def _read_object(path: Path, fix: str) -> dict[str, Any]:
     return data
 
 
-def _read_jsonl(path: Path, fix: str, *, torn_tail_ok: bool = False) -> list[dict[str, Any]]:
-    """JSON lines; with `torn_tail_ok` a broken last line (a run killed mid-write) is dropped."""
+def _read_jsonl(path: Path, fix: str) -> list[dict[str, Any]]:
+    """The JSON lines of a file kd eval wrote whole (metrics.jsonl is `RunFolder.read_metrics`'s)."""
     if not path.is_file():
         return []
     try:
@@ -131,8 +147,6 @@ def _read_jsonl(path: Path, fix: str, *, torn_tail_ok: bool = False) -> list[dic
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if torn_tail_ok and number == len(lines):
-                break
             raise KdError(f"{path}: line {number} is not valid JSON ({_first_line(err)}). {fix}") from None
         if not isinstance(row, dict):
             raise KdError(f"{path}: line {number} is not a JSON object. {fix}")

@@ -72,7 +72,8 @@ class PlainStudent:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
-        torch.save(state, folder / STATE_FILE)
+        with open(folder / STATE_FILE, "wb") as handle:  # a file object: a full disk raises OSError, not RuntimeError
+            torch.save(state, handle)
 
     def load(self, folder: Path, device: torch.device) -> None:
         state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)

@@ -18,7 +18,7 @@ import torch
 
 from kdcli.data import micro_batches
 from kdcli.engine.backends import DeepSpeedStudent, PlainStudent, StudentBackend
-from kdcli.engine.checkpoint import read_state, restore_rng, save_checkpoint
+from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.engine.distributed import World, all_reduce_sum, place_teacher
 from kdcli.engine.objective import IGNORE_INDEX, Objective, ObjectiveTerms
 from kdcli.engine.optim import build_optimizer, build_scheduler
@@ -26,7 +26,7 @@ from kdcli.engine.setup import Prepared
 from kdcli.engine.state import TrainingState
 from kdcli.engine.teachers import Batch, TeacherSource
 from kdcli.hardware import Runtime
-from kdcli.models import logits_of
+from kdcli.models import count_parameters, logits_of
 from kdcli.recipe import Recipe
 from kdcli.runs import RunFolder
 
@@ -149,13 +149,13 @@ class Session:
     def save(self, folder: RunFolder, state: TrainingState) -> Path:
         write = self.backend.save
         keep = self.recipe.train.keep_checkpoints
-        return save_checkpoint(folder, state, write, self.world, keep, self.micro_batches_per_step)
+        # Before the first checkpoint there is none to measure: fp32 weights and AdamW's two moments.
+        needed = 12 * count_parameters(self.parts.student)
+        per_step, device = self.micro_batches_per_step, self.runtime.device
+        return save_checkpoint(folder, state, write, self.world, keep, per_step, needed=needed, device=device)
 
     def restore(self, checkpoint: Path) -> TrainingState:
-        state = TrainingState.from_checkpoint(read_state(checkpoint))
-        self.backend.load(checkpoint, self.runtime.device)
-        restore_rng(checkpoint, self.world)
-        return state
+        return load_checkpoint(checkpoint, lambda folder: self.backend.load(folder, self.runtime.device), self.world)
 
 
 def forward(

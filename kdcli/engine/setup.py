@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kdcli.data import Collator, build_examples, read_split
+from kdcli.durable import disk_errors
 from kdcli.engine.distributed import World, init_deepspeed
 from kdcli.engine.observer import Observer
 from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
@@ -128,7 +129,13 @@ def save_student(
         state_dict = {key: value.to(runtime.inference_dtype) for key, value in state_dict.items()}
     elif runtime.precision == "bf16":
         student = student.to(torch.bfloat16)
-    student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    weights = (state_dict if state_dict is not None else student.state_dict()).values()
+    with disk_errors(path, sum(t.numel() * t.element_size() for t in weights)):
+        try:
+            student.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk keeps no half-written student
+            raise

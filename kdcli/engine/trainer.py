@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdcli.engine.checkpoint import resume_checkpoint
+from kdcli.durable import DiskFull
+from kdcli.engine.checkpoint import latest_checkpoint, resume_checkpoint
 from kdcli.engine.distributed import (
     StopRequest,
     World,
@@ -56,7 +58,19 @@ def distill(
         checkpoint = resume_checkpoint(folder, world) if resume else None
         if world.is_main and not resume:
             folder.refuse_existing(overwrite)  # before any slow work
-        return _distill(recipe, folder, world, runtime, ds_config, observer, overwrite, checkpoint, started)
+        try:
+            return _distill(recipe, folder, world, runtime, ds_config, observer, overwrite, checkpoint, started)
+        except DiskFull as err:
+            err.next_step = _how_to_continue(folder)  # "run it again" would be refused: the folder is not empty
+            raise
+
+
+def _how_to_continue(folder: RunFolder) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the partial checkpoints were reported when the run resumed
+        if folder.recipe_file.is_file() and latest_checkpoint(folder) is not None:
+            return f"resume with `kd distill --resume {folder}`"
+    return "run the recipe again with --overwrite (no checkpoint was finished to resume from)"
 
 
 def _distill(

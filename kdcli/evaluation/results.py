@@ -157,12 +157,16 @@ def record_pass(set_dir: Path, record: dict[str, Any], label: str, stats: dict[s
 def update_results(eval_dir: Path, target: dict[str, Any], set_name: str, mode: str, entry: dict[str, Any]) -> dict:
     """Merge one set's results into `results.json` (other sets and modes evaluated earlier stay)."""
     path = eval_dir / RESULTS_FILE
-    results = read_json(path, fix="Delete it: kd eval rebuilds it from the generations, which it reuses.") or {}
+    fix = "Delete it: kd eval rebuilds it from the generations, which it reuses."
+    results = read_json(path, fix=fix) or {}
     if results.get("format") != FORMAT:
         results = {"format": FORMAT}
+    sets = results.setdefault("sets", {})
+    if not isinstance(sets, dict) or not isinstance(sets.setdefault(set_name, {}), dict):
+        raise KdError(f"{path}: 'sets' is not an object of sets and modes. {fix}")
     results["target"] = target
     results["updated"] = now()
-    results.setdefault("sets", {}).setdefault(set_name, {})[mode] = entry
+    sets[set_name][mode] = entry
     eval_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, results)
     return results

@@ -139,7 +139,7 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
                 stats = {**stats, "device": runtime.describe()}
                 record_pass(set_dir, record, label, stats)
                 stats = {**stats, "reused": False}
-            rows = read_generations(path)
+            rows = read_generations(path, "Pass --force to regenerate it.")
             if len(rows) != len(eval_set):
                 raise KdError(f"{path}: has {len(rows)} rows for {len(eval_set)} examples. Pass --force to regenerate.")
             rows_by_pass[label] = rows

@@ -70,6 +70,14 @@ def _path_or_id_target(spec: str, out: Path | None) -> Target:
                 f"TARGET: '{spec}' has a {RECIPE_FILE} but no {STUDENT_DIR}/ folder: the run did not finish. "
                 f"Re-run kd distill, or evaluate the teacher with teacher:{path / RECIPE_FILE}."
             )
+        if not (path / "config.json").is_file() and RunFolder(path).looks_like_a_run():
+            # Without its recipe a student would be prompted with another template than it was trained on.
+            alone = (
+                f", or evaluate its student alone: kd eval {path / STUDENT_DIR}"
+                if (path / STUDENT_DIR).is_dir()
+                else ""
+            )
+            raise KdError(f"TARGET: '{spec}' is a kd run folder whose {RECIPE_FILE} is missing. Restore it{alone}.")
         from kdcli.models import resolve_model
 
         resolve_model(spec, field="TARGET")  # a folder without config.json is reported here
@@ -103,11 +111,7 @@ def _run_dir_of(path: Path) -> Path | None:
 def _run_target(run_dir: Path, out: Path | None) -> Target:
     folder = RunFolder(run_dir)
     student = folder.student_dir
-    if not (student / "config.json").is_file():
-        raise KdError(
-            f"TARGET: {student} has no config.json: the run did not finish saving its student. "
-            "Re-run kd distill with --overwrite."
-        )
+    folder.check_student("TARGET")  # before anything is written to the eval folder or loaded
     recipe = validate_recipe(read_yaml(folder.recipe_file), source=str(folder.recipe_file))
     name = _safe_name(run_dir.resolve().name)
     return Target("run", name, str(student), recipe.data, out or folder.eval_dir, recipe)

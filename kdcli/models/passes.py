@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.durable import write_text_atomic
+from kdcli.durable import append_text, write_text_atomic
+from kdcli.errors import KdError
 from kdcli.models.generation import GenerationSettings, Prompt, eval_mode, generate_batch, plan_generation
 
 if TYPE_CHECKING:
@@ -27,9 +28,22 @@ def partial_file(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def read_generations(path: Path) -> list[dict[str, Any]]:
-    """The rows of a pass file: `index`, the caller's fields, `response`, `tokens`, `stopped`."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_generations(path: Path, fix: str = "Delete it to generate the pass again.") -> list[dict[str, Any]]:
+    """The rows of a pass file: `index`, the caller's fields, `response`, `tokens`, `stopped`. The file is written
+    whole (a rename), so a broken line is damage, not an interruption: a `KdError` naming it, ending with `fix`."""
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise KdError(f"{path}: line {number} is not valid JSON ({str(err)[:120]}). {fix}") from None
+        if not isinstance(row, dict):
+            raise KdError(f"{path}: line {number} is not a JSON object. {fix}")
+        rows.append(row)
+    return rows
 
 
 def generate_file(
@@ -62,7 +76,7 @@ def generate_file(
     started = time.perf_counter()
     if on_progress:
         on_progress(rows_done, 0, 0.0)
-    with eval_mode(model), partial.open("a", encoding="utf-8") as handle:
+    with eval_mode(model):
         for b, batch in enumerate(plan.batches):
             if b in done:
                 continue
@@ -79,9 +93,9 @@ def generate_file(
                     }
                 )
                 tokens += generation.generated
-            # One write per batch: a crash leaves whole batches (a torn last line is dropped on resume).
-            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            handle.flush()
+            # One append per batch: a crash leaves whole batches (a torn last line is dropped on resume), and a full
+            # disk (`DiskFull`) leaves the batches before this one.
+            append_text(partial, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             done[b] = rows
             rows_done += len(rows)
             if on_progress:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -28,13 +29,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise KdError(f"{path}: is a folder; give the recipe's YAML file.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise KdError(f"{path}: invalid YAML at {where}: {err.problem}. Fix the syntax there.") from err
+        raw = _parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise KdError(f"{path}: invalid YAML: {err}") from err
+        raise KdError(f"{path}: invalid YAML {_yaml_problem(err)}. Fix the syntax there.") from err
     except UnicodeDecodeError as err:
         raise KdError(f"{path}: not a UTF-8 text file.") from err
     if raw is None:
@@ -51,19 +48,46 @@ def parse_set(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise KdError(f"--set {item!r}: expected key.path=value, for example --set train.max_steps=10.")
+        raise KdError(f"--set {_short(item)}: expected key.path=value, for example --set train.max_steps=10.")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise KdError(f"--set {item!r}: the value is not valid YAML ({err}). Quote it if it is a string.") from err
+        raise KdError(
+            f"--set {_short(item)}: the value is not valid YAML {_yaml_problem(err)}. Quote it if it is a string."
+        ) from err
     return key, value
+
+
+class _TooDeep(yaml.YAMLError):
+    def __str__(self) -> str:
+        return "nested too deeply"
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        # PyYAML recurses once per nesting level: `[[[[...` a few hundred deep exhausts the stack.
+        raise _TooDeep() from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what, on one line: PyYAML's own message spans several, with a caret drawing."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark
+        where = f"at line {mark.line + 1}, column {mark.column + 1}" if mark else "at an unknown position"
+        return f"{where}: {err.problem or err.context}"
+    lines = str(err).strip().splitlines()
+    return f"({lines[0] if lines else type(err).__name__})"
 
 
 def apply_set(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or `deepspeed: null`: a section that is off until a key sets it
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise KdError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section.")
         node = child
@@ -80,43 +104,77 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def _describe(error: Any, raw: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
-    key = ".".join(loc) if loc else "(top level)"
+    loc = _keys_of(error["loc"], raw)
+    key = ".".join(_show_key(part) for part in loc) if loc else "(top level)"
     kind = error["type"]
+    value = _lookup(raw, loc)
     if kind == "extra_forbidden":
-        parent = _section_model(loc[:-1])
+        parent = _section_model([str(part) for part in loc[:-1]])
         choices = list(parent.model_fields) if parent else []
-        hint = did_you_mean(loc[-1], choices) or f" Valid keys: {', '.join(choices)}."
+        hint = did_you_mean(str(loc[-1]), choices) or (f" Valid keys: {', '.join(choices)}." if choices else "")
         return f"{key}: unknown key.{hint}"
+    if kind == "missing" and loc and isinstance(loc[-1], int):  # a tuple such as train.betas, given too short
+        return (
+            f"{'.'.join(_show_key(part) for part in loc[:-1])}: too few items (got {_short(_lookup(raw, loc[:-1]))})."
+        )
     if kind == "missing":
         return f"{key}: required; add it to the recipe."
     message = str(error["msg"]).removeprefix("Value error, ")
-    value = _lookup(raw, loc)
-    shown = f" (got {value!r})" if value is not _MISSING and not isinstance(value, dict) else ""
+    shown = f" (got {_short(value)})" if value is not _MISSING and not isinstance(value, dict) else ""
     return f"{key}: {message}{shown}."
 
 
 _MISSING = object()
 
 
-def _lookup(raw: Any, loc: list[str]) -> Any:
+def _keys_of(loc: tuple[Any, ...], raw: dict[str, Any]) -> list[Any]:
+    """The recipe keys of an error's location, without pydantic's union member tags (`literal[...]`, `list[int]`)
+    that name which alternative of `student.layers` failed: they are not keys the user can find in the file."""
+    keys: list[Any] = []
+    node: Any = raw
+    for part in loc:
+        child = _child(node, part)
+        if child is _MISSING and isinstance(part, str) and ("[" in part or not isinstance(node, (dict, list))):
+            continue
+        node = child
+        keys.append(part)
+    return keys
+
+
+def _show_key(part: Any) -> str:
+    # A key with spaces, dots or invisible characters is quoted, so that `lr ` and `lr` read differently.
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else repr(text)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _lookup(raw: Any, loc: list[Any]) -> Any:
     node = raw
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return _MISSING
+        node = _child(node, part)
     return node
+
+
+def _child(node: Any, part: Any) -> Any:
+    if isinstance(node, dict) and part in node:
+        return node[part]
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return node[part]
+    return _MISSING
 
 
 def _section_model(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Recipe
     for part in loc:
         field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # An optional section (`deepspeed: DeepSpeedConfig | None`) is its model too.
+        options = get_args(field.annotation) or (field.annotation,) if field else ()
+        sections = [arg for arg in options if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if len(sections) != 1:
             return None
-        model = annotation
+        model = sections[0]
     return model

@@ -16,7 +16,8 @@ BUILTIN_DATA = "builtin:starter"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No key means "forever" or "undefined": an inf or NaN float is a typo (or `.inf`) that training would trip on.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherConfig(Section):
@@ -273,7 +274,8 @@ class Recipe(Section):
             "e.g. `quickstart-{divergence}`."
         ),
     )
-    seed: int = Field(0, ge=0, description="Seed for weights, data order and dropout.")
+    # At most 2^32 - 1: the batch order seeds torch with seed x 1_000_003 + epoch, which must fit in 64 bits.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for weights, data order and dropout.")
     output_dir: str = Field("runs", description="Runs are written to `<output_dir>/<name>/`.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)

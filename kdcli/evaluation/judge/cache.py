@@ -2,8 +2,9 @@
 
 The key is the sha256 of the judge model and the exact request (messages, temperature, max_tokens): a new prompt
 version, another model or another answer is a new key. The cache stores raw reply text, not parsed scores, so an
-improved parser re-reads old replies for free. Entries are appended as JSON lines and flushed one by one: a crash
-loses at most the request in flight. Nothing secret goes in: no key, no headers, no URL.
+improved parser re-reads old replies for free. Entries are appended as JSON lines one by one: a crash loses at
+most the request in flight, and a full disk stops judging with `DiskFull` keeping every reply written before.
+Nothing secret goes in: no key, no headers, no URL.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdcli.durable import append_text
 from kdcli.evaluation.judge.prompt import Messages
 
 
@@ -72,9 +74,7 @@ class ReplyCache:
                 "prompt_tokens": reply.prompt_tokens,
                 "completion_tokens": reply.completion_tokens,
             }
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
+            append_text(self.path, json.dumps(record, ensure_ascii=False) + "\n")  # whole, or `DiskFull`
 
     def __len__(self) -> int:
         return len(self._entries)
