@@ -6,6 +6,8 @@
     checkpoints/     resumable states (`kdcli.engine.checkpoint` writes what goes inside)
     student/         the distilled student, a Hugging Face folder
     eval/            what `kd eval` writes (its default eval folder)
+    tensorboard/     with `train.report_to: tensorboard` (or `--report-to`): event files (`kdcli.loggers`)
+    wandb/           with `wandb`: the offline W&B runs, and `run_id`, the one W&B run they all continue
 
 `kd distill` creates a folder through `RunFolder.create` (which refuses to replace a non-empty one unless asked),
 `--resume` opens one through `RunFolder.existing`, and `kd compare` reads the typed `RunRecord`.
@@ -42,6 +44,8 @@ METRICS_FILE = "metrics.jsonl"
 STUDENT_DIR = "student"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 
 
 @dataclass

@@ -23,6 +23,7 @@ LAYERS = {
     "runs": 5,
     "cache": 6,
     "evaluation": 6,
+    "loggers": 6,
     "engine": 7,
     "compare": 7,
     "plan": 8,

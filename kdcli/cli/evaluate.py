@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,6 +17,16 @@ from kdcli.cli.app import (
     user_errors,
 )
 from kdcli.errors import KdError
+
+ReportToOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--report-to",
+        help="Also log the results into the run's loggers, at its last step: tensorboard (<run>/tensorboard/) "
+        "and/or wandb. Repeatable, or comma-separated.",
+        show_default=False,
+    ),
+]
 
 
 @app.command("eval")
@@ -81,6 +91,7 @@ def eval_(
     judge_concurrency: JudgeConcurrencyOpt = 4,
     judge_retries: JudgeRetriesOpt = 5,
     judge_timeout: JudgeTimeoutOpt = 120.0,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Generate with a student (or any model), score ROUGE-L, exact match, length and distinct-n over seeds,
     and optionally judge the answers against the references with an LLM."""
@@ -99,6 +110,7 @@ def eval_(
             raise KdError(f"--seeds: '{seeds}' is not a comma-separated list of integers, e.g. 10,20,30.") from None
         if precision not in ("auto", "bf16", "fp32"):
             raise KdError(f"--precision: '{precision}' is not one of auto, bf16, fp32.")
+        run_dir, loggers, step = _eval_loggers(target, out, report_to or [])  # before anything is generated
         options = EvalOptions(
             target=target,
             data=data or [],
@@ -123,9 +135,14 @@ def eval_(
             judge_dry_run=judge_dry_run,
         )
         try:
-            run_eval(options, observer)
+            summary = run_eval(options, observer)
         finally:
             observer.close()
+        if loggers:
+            from kdcli.loggers import log_once, results_scalars
+
+            log_once(loggers, run_dir, step, results_scalars(summary))
+            console.print(f"[dim]logged to {', '.join(report_to or [])} in {run_dir}, step {step}[/dim]")
 
 
 @app.command()
@@ -161,6 +178,7 @@ def compare(
     judge_concurrency: JudgeConcurrencyOpt = 4,
     judge_retries: JudgeRetriesOpt = 5,
     judge_timeout: JudgeTimeoutOpt = 120.0,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% intervals over prompts
     (and the spread over seeds), and deltas against a baseline with paired prompt-level bootstrap p-values."""
@@ -168,7 +186,9 @@ def compare(
     from kdcli.ui import console
 
     with user_errors():
-        run_compare(
+        base = baseline or (runs[0] if runs else None)
+        loggers, step = _run_loggers(base, report_to or []) if base is not None else ([], 0)
+        comparison = run_compare(
             runs,
             console,
             baseline=baseline,
@@ -183,3 +203,38 @@ def compare(
             judge_retries=judge_retries,
             judge_timeout=judge_timeout,
         )
+        if loggers and base is not None:
+            from kdcli.compare.render import to_markdown
+            from kdcli.loggers import log_once
+
+            log_once(loggers, base, step, {}, {"compare": to_markdown(comparison)})
+
+
+def _eval_loggers(target: str, out: Path | None, report_to: list[str]) -> tuple[Path, list[Any], int]:
+    """`kd eval --report-to`: the run folder TARGET names, its loggers (the extras checked) and its last step."""
+    from kdcli.loggers import check_names
+
+    if not check_names(report_to, "--report-to"):
+        return Path(), [], 0
+    from kdcli.evaluation import resolve_target
+
+    resolved = resolve_target(target, out=out)
+    if resolved.kind != "run":
+        raise KdError(f"--report-to: logs go to a run folder's loggers, and TARGET '{target}' is a {resolved.kind}.")
+    run_dir = Path(resolved.model).parent  # the run's student/
+    return (run_dir, *_run_loggers(run_dir, report_to))
+
+
+def _run_loggers(run_dir: Path, report_to: list[str]) -> tuple[list[Any], int]:
+    """The loggers `--report-to` names for a finished run, and the step they log at: the run's last."""
+    from kdcli.loggers import check_names, loggers_for
+    from kdcli.recipe import load_recipe
+    from kdcli.runs import RunFolder
+
+    names = check_names(report_to, "--report-to")
+    if not names:
+        return [], 0
+    folder = RunFolder.existing(run_dir, "RUN")
+    recipe = load_recipe(folder.recipe_file)
+    step = folder.read_record().steps or 0
+    return loggers_for(names, run_name=recipe.name, config=recipe.model_dump(mode="json"), key="--report-to"), step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -44,6 +44,7 @@ def distill(
 
     with user_errors():
         resolved = _distill_recipe(recipe, set_, resume)
+        loggers = _loggers(resolved)  # a missing extra is refused here, before any process starts or model loads
         if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
             from kdcli.engine.launch import launch
 
@@ -55,7 +56,11 @@ def distill(
             raise KdError(f"--nproc {nproc}: kd runs under a launcher with WORLD_SIZE={os.environ['WORLD_SIZE']}.")
 
     hf_logging.disable_progress_bar()  # kd draws its own progress; per-load bars are noise
-    observer = RichObserver()
+    observer: Any = RichObserver()
+    if loggers:
+        from kdcli.loggers import Fanout, TrainingLog
+
+        observer = Fanout(observer, TrainingLog(loggers, resolved.train.log_every))
     with user_errors():
         try:
             run_distill(resolved, overwrite=overwrite, observer=observer, resume=resume)
@@ -79,6 +84,15 @@ def _distill_recipe(recipe: Path | None, set_: list[str] | None, resume: Path | 
     if recipe is not None or set_:
         raise KdError(f"--resume takes the recipe saved in {folder.recipe_file}; drop the recipe file and --set.")
     return load_recipe(RunFolder.existing(resume).recipe_file)
+
+
+def _loggers(recipe: Recipe) -> list[Any]:
+    """`train.report_to`'s loggers, their packages imported (the extras' check), nothing written yet."""
+    if not recipe.train.report_to:
+        return []
+    from kdcli.loggers import loggers_for
+
+    return loggers_for(recipe.train.report_to, run_name=recipe.name, config=recipe.model_dump(mode="json"))
 
 
 def _check_launch(recipe: Recipe, nproc: int, overwrite: bool, resume: Path | None) -> None:

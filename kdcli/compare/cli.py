@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from kdcli.compare.core import compare_runs
+from kdcli.compare.core import Comparison, compare_runs
 from kdcli.compare.render import FORMATS, print_table, render_text
 from kdcli.compare.runs import load_runs
 from kdcli.errors import KdError
@@ -30,7 +30,8 @@ def run_compare(
     judge_retries: int = 5,
     judge_timeout: float = 120.0,
     api_key: str | None = None,
-) -> None:
+) -> Comparison:
+    """Compare, print, plot; the comparison is returned (for `--report-to`)."""
     if fmt not in FORMATS:
         raise KdError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}.")
     if resamples < 100:
@@ -77,3 +78,4 @@ def run_compare(
         write_plot(comparison, plot)
         if fmt == "table":
             console.print(f"[dim]plot: {plot}[/dim]", highlight=False)
+    return comparison

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 BUILTIN_DATA = "builtin:starter"
+REPORTERS = ("tensorboard", "wandb")  # `train.report_to`: the experiment loggers of `kdcli.loggers`
 
 
 class Section(BaseModel):
@@ -196,6 +197,25 @@ class TrainConfig(Section):
         None, ge=1, description="Write a resumable checkpoint (model, optimizer, RNG, data position) every N steps."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints in `checkpoints/`.")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Experiment loggers fed what `metrics.jsonl` gets (`train/loss`, `eval/loss`, ...): `tensorboard` "
+            "(`<run>/tensorboard/`) and/or `wandb` (offline unless `WANDB_MODE` is set; `<run>/wandb/`). Each needs "
+            "its extra: `pip install 'kdcli[tensorboard]'`. A single name may be given as a string."
+        ),
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_loggers(cls, report_to: Any) -> Any:
+        names = [report_to] if isinstance(report_to, str) else [] if report_to is None else report_to
+        if not isinstance(names, list):
+            return names  # pydantic names the type
+        for name in names:
+            if name not in REPORTERS:
+                raise ValueError(f"{name!r} is not a logger; use {', '.join(REPORTERS)}")
+        return list(dict.fromkeys(names))
 
     @field_validator("device")
     @classmethod
