@@ -8,6 +8,7 @@ the token ids, labels and truncation from `tokens`.
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from kdcli.data.fields import FieldMap, columns_of, resolve_fields
 from kdcli.data.sources import Rows, first_line, load_rows, place_of, source_name
 from kdcli.data.tokens import assemble, bos_to_add, encode_pairs, eos_id
-from kdcli.errors import KdError, did_you_mean
+from kdcli.errors import KdError, KdWarning, did_you_mean
 from kdcli.recipe.schema import DataConfig
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ def build_examples(
 
     Keeps the first `cfg.max_{split}_examples` usable examples. Rows whose response is empty (or whose prompt
     formats to no tokens) are skipped, not used up, and counted in `n_dropped`; `on_warning` (default: a
-    `warning:` line on stderr) then gets ONE message that counts them and names their first lines. Raises
+    `KdWarning`) then gets ONE message that counts them and names their first lines. Raises
     `KdError` naming `key` when columns are missing, a row's prompt or response is missing or not text, or no
     example is left.
     """
@@ -259,7 +260,7 @@ def build_examples(
             for k in kinds
         ]
         what = f" with {reasons[0]}" if len(reasons) == 1 else ": " + ", ".join(reasons)
-        (on_warning or _warn_on_stderr)(
+        (on_warning or _warn)(
             f"{key}: skipped {out.n_dropped} of {out.n_rows} rows of {source}{what}. Fill them in or remove them."
         )
     return out
@@ -270,11 +271,8 @@ def _places(rows: Sequence[Any], indices: list[int], shown: int = 3) -> str:
     return ", ".join(place_of(rows, i) for i in indices[:shown]) + (", ..." if len(indices) > shown else "")
 
 
-def _warn_on_stderr(text: str) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]warning:[/yellow] {escape(text)}")
+def _warn(text: str) -> None:
+    warnings.warn(text, KdWarning, stacklevel=3)  # the CLI prints a KdWarning as one `warning:` line
 
 
 def prompt_and_reference(
