@@ -110,6 +110,11 @@ class RunRecord:
     def student_parameters(self) -> int | None:
         return self.parameters.get("student")
 
+    @property
+    def student_trainable(self) -> int | None:
+        """Parameters that trained: the LoRA adapters, or all of the student (runs before LoRA record none)."""
+        return self.parameters.get("student_trainable", self.student_parameters)
+
 
 class RunFolder:
     """One run folder: where its files are, whether it may be created or resumed, and its record and metrics."""
@@ -158,6 +163,11 @@ class RunFolder:
     @property
     def student_dir(self) -> Path:
         return self.path / STUDENT_DIR
+
+    @property
+    def adapter_dir(self) -> Path:
+        """A LoRA run's `peft` adapter (`student/` holds it merged)."""
+        return self.path / "adapter"
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -118,6 +118,7 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
         ValueRow("wall_seconds", "wall time (s)", LOWER, {}),
         ValueRow("teacher_parameters", "teacher parameters", NONE, {}),
         ValueRow("student_parameters", "student parameters", NONE, {}),
+        ValueRow("student_trainable", "student trainable parameters", NONE, {}),
     ]
     for run in runs:
         record = run.run
@@ -131,6 +132,7 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
             "wall_seconds": record.wall_seconds,
             "teacher_parameters": record.teacher_parameters,
             "student_parameters": record.student_parameters,
+            "student_trainable": record.student_trainable,
         }
         for row in rows:
             row.values[run.label] = as_number(values[row.key])

@@ -24,13 +24,18 @@ from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
 from kdcli.errors import KdError
 from kdcli.hardware import Runtime
 from kdcli.models import (
+    apply_lora,
     build_student,
     check_tokenizers,
+    is_lora,
     load_config,
     load_teacher,
     load_tokenizer,
+    merged_state_dict,
+    save_adapter,
     student_config,
     student_tokenizer,
+    trainable_for,
 )
 from kdcli.recipe import Recipe
 
@@ -78,9 +83,10 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
     teacher_tokenizer = load_tokenizer(recipe.teacher.model)
     tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
     teacher_config = load_config(recipe.teacher.model)
-    width = check_tokenizers(
-        teacher_tokenizer, tokenizer, teacher_config, student_config(recipe.student, teacher_config)
-    )
+    config = student_config(recipe.student, teacher_config)
+    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_config, config)
+    if recipe.student.lora:  # a mistyped target module fails here, before the teacher loads
+        trainable_for(config, recipe.student.lora)
     train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
     eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
 
@@ -97,6 +103,8 @@ def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
     root, manifest = read_manifest_for(recipe, observer.message)
     tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
     config = student_config(recipe.student, load_config(recipe.teacher.model))
+    if recipe.student.lora:
+        trainable_for(config, recipe.student.lora)
     cache = open_for_training(recipe, root, manifest, tokenizer, int(config.get_text_config().vocab_size))
     student = _student(recipe, observer, None)
     return Prepared(cache.teacher, student, tokenizer, cache.width, cache.train_set, cache.eval_set, cache.collate)
@@ -106,6 +114,8 @@ def _student(recipe: Recipe, observer: Observer, teacher: Any) -> torch.nn.Modul
     observer.message(f"Building student ({recipe.student.init})")
     # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
     student, _ = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
+    if recipe.student.lora:  # only the adapters train: the optimizer is built from what requires grad
+        return apply_lora(student, recipe.student.lora, recipe.seed)
     return student
 
 
@@ -115,11 +125,17 @@ def save_student(
     path: Path,
     runtime: Runtime,
     state_dict: dict[str, torch.Tensor] | None = None,
+    adapter: Path | None = None,
 ) -> None:
     """Save with `save_pretrained` (safetensors) into a temporary folder, then rename it into place.
 
     `state_dict`: the full weights when the module itself holds only a shard (ZeRO-3), gathered on this rank.
+    A LoRA student is saved merged into its base model (plain Hugging Face), and its adapter into `adapter`.
     """
+    if adapter is not None and is_lora(student):
+        full = state_dict if state_dict is not None else student.state_dict()
+        _save_adapter(student, adapter, full)
+        student, state_dict = student.get_base_model(), merged_state_dict(student, full)
     if not torch.cuda.is_available():
         # save_pretrained imports DeepSpeed when it is installed (accelerate's unwrap); spare it the GPU probe.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -138,4 +154,17 @@ def save_student(
             tmp.rename(path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a full disk keeps no half-written student
+            raise
+
+
+def _save_adapter(student: Any, path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with disk_errors(path, sum(t.numel() * t.element_size() for k, t in state_dict.items() if ".lora_" in k)):
+        try:
+            save_adapter(student, str(tmp), state_dict)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -32,7 +32,7 @@ from kdcli.engine.observer import Observer, SilentObserver
 from kdcli.engine.setup import prepare, runtime_for, save_student, seed_everything
 from kdcli.engine.state import TrainingState
 from kdcli.hardware import Runtime
-from kdcli.models import count_parameters
+from kdcli.models import count_parameters, count_trainable
 from kdcli.recipe import Recipe
 from kdcli.runs import MetricsLog, RunFolder, RunRecord, environment_info
 
@@ -111,7 +111,9 @@ def _distill(
     observer.message("Saving student")
     full_weights = session.backend.full_state_dict()  # a collective under ZeRO-3: every rank takes part
     if world.is_main:
-        save_student(parts.student, parts.tokenizer, folder.student_dir, runtime, state_dict=full_weights)
+        save_student(
+            parts.student, parts.tokenizer, folder.student_dir, runtime, full_weights, adapter=folder.adapter_dir
+        )
     record = _record(session, state, folder, start_step, last, eval_after, ds_config, time.perf_counter() - started)
     if world.is_main:
         folder.write_record(record)
@@ -202,7 +204,12 @@ def _start_info(session: Session, folder: RunFolder, start_step: int) -> dict[st
 
 
 def _parameters(session: Session) -> dict[str, int]:
-    return {"teacher": session.parts.teacher.num_parameters, "student": count_parameters(session.parts.student)}
+    student = session.parts.student
+    return {
+        "teacher": session.parts.teacher.num_parameters,
+        "student": count_parameters(student),
+        "student_trainable": count_trainable(student),  # the LoRA adapters only, with `student.lora`
+    }
 
 
 def _record(

@@ -379,5 +379,5 @@ def check_tokenizers(
 
 
 def count_parameters(model: PreTrainedModel) -> int:
-    """Distinct parameters: tied input/output embeddings count once."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters: tied input/output embeddings count once; LoRA adapters not at all (the merged model's)."""
+    return sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)

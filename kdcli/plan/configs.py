@@ -54,6 +54,7 @@ class ModelShape:
     tied: bool
     params: int  # distinct parameters (tied embeddings once), exact for the supported architectures
     largest_layer: int  # parameters of the largest single module (ZeRO-3 gathers one at a time): the embedding
+    trainable: int | None = None  # parameters that train when fewer than `params` (LoRA adapters); None: all
 
     @property
     def kv_dim(self) -> int:
@@ -182,4 +183,12 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
 def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, ModelShape]:
     """(teacher, student) shapes of a recipe, from configs only."""
     teacher = model_config(recipe.teacher.model)
-    return model_shape(teacher), model_shape(student_config(recipe, teacher))
+    config = student_config(recipe, teacher)
+    student = model_shape(config)
+    if recipe.student.lora:  # only the adapters train: counted on the meta device
+        from dataclasses import replace
+
+        from kdcli.models import trainable_for
+
+        student = replace(student, trainable=trainable_for(config, recipe.student.lora))
+    return model_shape(teacher), student

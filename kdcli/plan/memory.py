@@ -77,14 +77,16 @@ class States:
         return self.params + self.grads + self.optimizer
 
 
-def plain_states(psi: int, precision: str) -> States:
+def plain_states(psi: int, precision: str, trainable: int | None = None) -> States:
     """kd's own single-process engine: fp32 master weights, fp32 gradients, AdamW m and v (fp32).
 
     Under bf16 autocast every op casts its fp32 weight to bf16 and keeps that copy for backward: 2 B/param more.
     (The foreach AdamW step also allocates a 4 B/param temporary, but only when activations are already freed.)
+    `trainable` (LoRA: the adapters, default all Ψ) alone have gradients and AdamW moments.
     """
     params = 4 * psi + (2 * psi if precision == "bf16" else 0)
-    return States(params=params, grads=4 * psi, optimizer=8 * psi)
+    t = psi if trainable is None else trainable
+    return States(params=params, grads=4 * t, optimizer=8 * t)
 
 
 def zero_states(
@@ -96,6 +98,7 @@ def zero_states(
     offload_optimizer: bool = False,
     offload_param: bool = False,
     largest_layer: int = 0,
+    trainable: int | None = None,
 ) -> States:
     """DeepSpeed ZeRO model states per rank (the ZeRO paper's (2 + 2 + K)·Ψ with K = 12, plus DeepSpeed's fp32
     gradient partition).
@@ -106,6 +109,7 @@ def zero_states(
     Stage 1 shards the optimizer part over the N ranks, stage 2 also the 16-bit gradients, stage 3 also the
     weights, and then gathers one module at a time (its weights and gradients: 2·(2 or 4)·largest_layer).
     offload_optimizer (stages 1-3) moves the optimizer part to host memory; offload_param (stage 3) the weights.
+    `trainable` (LoRA: the adapters, default all Ψ) alone have gradients, master weights and Adam moments.
     """
     if not 0 <= stage <= 3:
         raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
@@ -113,8 +117,9 @@ def zero_states(
         raise ValueError(f"world size must be ≥ 1, got {world}")
     p_bytes, g_bytes, opt_bytes = (2, 2, 4 + 8 + 4) if bf16 else (4, 4, 8)
     params = _shard(p_bytes * psi, world if stage >= 3 else 1)
-    grads = _shard(g_bytes * psi, world if stage >= 2 else 1)
-    optimizer = _shard(opt_bytes * psi, world if stage >= 1 else 1)
+    t = psi if trainable is None else trainable
+    grads = _shard(g_bytes * t, world if stage >= 2 else 1)
+    optimizer = _shard(opt_bytes * t, world if stage >= 1 else 1)
     gathered_p = gathered_g = 0
     if stage == 3:
         gathered_p, gathered_g = p_bytes * largest_layer, g_bytes * largest_layer
@@ -285,7 +290,7 @@ def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
         Row(
             label="kd 1-proc",
             stage=None,
-            states=plain_states(student.params, s.precision),
+            states=plain_states(student.params, s.precision, student.trainable),
             activations=student_activations(student, s.tokens, plain_mode, s.activation_checkpointing),
             teacher=teacher_memory(teacher, s),
             logits=logits,
@@ -309,6 +314,7 @@ def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
                     offload_optimizer=s.offload_optimizer and stage >= 1,
                     offload_param=s.offload_param and stage == 3,
                     largest_layer=student.largest_layer,
+                    trainable=student.trainable,
                 ),
                 activations=student_activations(student, s.tokens, ds_mode, s.activation_checkpointing),
                 teacher=ds_teacher,

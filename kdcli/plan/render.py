@@ -29,7 +29,8 @@ def header(plan: Plan) -> Text:
     limit = format_bytes(s.device_memory) if s.device_memory is not None else "unknown"
     lines = [
         f"teacher {t.params / 1e6:,.1f}M params ({t.layers} layers, hidden {t.hidden}, vocab {t.vocab:,})  →  "
-        f"student {st.params / 1e6:,.1f}M params ({st.layers} layers, hidden {st.hidden})",
+        f"student {st.params / 1e6:,.1f}M params ({st.layers} layers, hidden {st.hidden})"
+        + (f", {st.trainable:,} trainable (LoRA)" if st.trainable is not None else ""),
         f"micro-batch {s.batch_size} × {s.seq_len} tokens (max_length: padded batches are often shorter), "
         f"grad_accum {s.grad_accum}, precision {s.precision}, divergence {s.divergence}, kd_ratio {s.kd_ratio:g}",
         f"world size {s.world_size}, device {s.device}, memory per rank {limit}",

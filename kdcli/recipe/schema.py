@@ -35,6 +35,28 @@ class TeacherConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank: each adapted weight W gains B·A with A r×in and B out×r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is (alpha / r)·B·A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description=(
+            "Names of the student's linear layers that get adapters (the last part of the module name, e.g. "
+            "`q_proj`, `k_proj`, `o_proj`, `up_proj`); checked against the student before training."
+        ),
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_are_named(cls, targets: list[str]) -> list[str]:
+        if not targets:
+            raise ValueError("name at least one module, e.g. [q_proj, v_proj]")
+        if len(set(targets)) != len(targets):
+            raise ValueError("list each module once")
+        return targets
+
+
 class StudentConfig(Section):
     init: Literal["pretrained", "teacher", "random"] = Field(
         "teacher",
@@ -53,6 +75,13 @@ class StudentConfig(Section):
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="With `init: random`: config fields to change, e.g. `{num_hidden_layers: 4, hidden_size: 256}`.",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description=(
+            "Train LoRA adapters (through `peft`) instead of every weight, on any `init`: e.g. "
+            "`{r: 16, alpha: 32, target_modules: [q_proj, v_proj]}`. The run saves `student/` merged and `adapter/`."
+        ),
     )
 
     @field_validator("layers")
