@@ -68,6 +68,8 @@ class RunRecord:
     tokens_seen: int | None = None
     tokens_per_s: float | None = None
     train_seconds: float | None = None
+    gen_tokens: int | None = None  # tokens the student sampled for on-policy batches (0: none), all processes
+    gen_seconds: float | None = None  # training seconds spent sampling them
     wall_seconds: float | None = None
     final: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
     eval_before: dict[str, float] | None = None

@@ -20,6 +20,7 @@ class RichObserver:
         self.console = out or console
         self.progress: Progress | None = None
         self.task: Any = None
+        self.elapsed: float | None = None  # the last step's elapsed_s, to time the next one
 
     def message(self, text: str) -> None:
         (self.progress.console if self.progress else self.console).print(f"[dim]{text}[/dim]")
@@ -38,13 +39,14 @@ class RichObserver:
             TextColumn("loss [yellow]{task.fields[loss]}[/yellow]"),
             TextColumn("kd {task.fields[kd]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[gen]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=info["total_steps"], loss="-", kd="-", tps="-")
+        self.task = self.progress.add_task("train", total=info["total_steps"], loss="-", kd="-", tps="-", gen="")
 
     def on_step(self, record: dict[str, Any]) -> None:
         if self.progress is None:
@@ -55,7 +57,16 @@ class RichObserver:
             loss=f"{record['loss']:.4f}",
             kd=f"{record['kd']:.4f}",
             tps=f"{record['tokens_per_s']:.0f}",
+            gen=self._generation_share(record),
         )
+
+    def _generation_share(self, record: dict[str, Any]) -> str:
+        """On-policy runs: the share of the last step spent sampling from the student."""
+        before, self.elapsed = self.elapsed, record.get("elapsed_s")
+        gen_s = record.get("gen_s") or 0.0
+        if "on_policy_ratio" not in record or before is None or self.elapsed is None or self.elapsed <= before:
+            return ""
+        return f"gen {min(1.0, gen_s / (self.elapsed - before)):.0%}"
 
     def on_eval(self, record: dict[str, Any]) -> None:
         self.message(

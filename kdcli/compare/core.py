@@ -18,7 +18,10 @@ from kdcli.compare.setup_diff import SetupRow, setup_diff
 from kdcli.compare.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 # metrics.jsonl keys that are the trainer's own, not a divergence's diagnostics.
-_STEP_KEYS = frozenset({"step", "loss", "kd", "ce", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "valid_positions"})
+_NOT_CURVES = ("lr", "elapsed_s", "tokens_per_s", "valid_positions", "gen_tokens", "gen_s")
+_STEP_KEYS = frozenset({"step", "loss", "kd", "ce", "grad_norm", *_NOT_CURVES})
+# Totals of on-policy sampling (run.json); shown only when some run sampled.
+_GENERATION_ROWS = ("gen_tokens", "gen_seconds")
 
 
 @dataclass
@@ -116,6 +119,8 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
         ValueRow("steps", "steps", NONE, {}),
         ValueRow("tokens_per_s", "tokens/s", HIGHER, {}),
         ValueRow("wall_seconds", "wall time (s)", LOWER, {}),
+        ValueRow("gen_tokens", "tokens the student sampled", NONE, {}),
+        ValueRow("gen_seconds", "time sampling (s)", NONE, {}),
         ValueRow("teacher_parameters", "teacher parameters", NONE, {}),
         ValueRow("student_parameters", "student parameters", NONE, {}),
         ValueRow("student_trainable", "student trainable parameters", NONE, {}),
@@ -130,6 +135,8 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
             "steps": record.steps,
             "tokens_per_s": record.tokens_per_s,
             "wall_seconds": record.wall_seconds,
+            "gen_tokens": record.gen_tokens,
+            "gen_seconds": record.gen_seconds,
             "teacher_parameters": record.teacher_parameters,
             "student_parameters": record.student_parameters,
             "student_trainable": record.student_trainable,
@@ -148,6 +155,8 @@ def training_rows(runs: Sequence[RunData]) -> list[ValueRow]:
             row.values[run.label] = math.fsum(values) / len(values) if values else None
         rows.append(row)
     rows = [row for row in rows if any(v is not None for v in row.values.values())]
+    if not any(r.values.get(label) for r in rows if r.key == "gen_tokens" for label in r.values):
+        rows = [row for row in rows if row.key not in _GENERATION_ROWS]
     for row in rows:
         if len(runs) > 1:
             row.best = best_runs({k: v for k, v in row.values.items() if v is not None}, row.direction)
@@ -158,7 +167,7 @@ def curves_of(run: RunData) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, list[tuple[int, float]]] = {}
     for line in run.steps:
         for key, value in line.items():
-            if key != "step" and key not in ("lr", "elapsed_s", "tokens_per_s", "valid_positions"):
+            if key != "step" and key not in _NOT_CURVES:
                 number = as_number(value)
                 if number is not None and "step" in line:
                     curves.setdefault(key, []).append((int(line["step"]), number))

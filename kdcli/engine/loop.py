@@ -21,6 +21,7 @@ from kdcli.engine.backends import DeepSpeedStudent, PlainStudent, StudentBackend
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.engine.distributed import World, all_reduce_sum, place_teacher
 from kdcli.engine.objective import IGNORE_INDEX, Objective, ObjectiveTerms
+from kdcli.engine.on_policy import OnPolicy, next_ratio
 from kdcli.engine.optim import build_optimizer, build_scheduler
 from kdcli.engine.setup import Prepared
 from kdcli.engine.state import TrainingState
@@ -41,6 +42,7 @@ class Session:
     objective: Objective
     collate: Callable[[Sequence[Any]], Batch]
     total_steps: int
+    on_policy: OnPolicy | None = None  # None: every micro-batch is the data's (`on_policy.ratio: 0`)
 
     @classmethod
     def start(
@@ -64,7 +66,10 @@ class Session:
             if ds_config
             else PlainStudent(parts.student, optimizer, scheduler, cfg)
         )
-        return cls(recipe, parts, runtime, world, backend, objective, collate, total_steps)
+        # Under ZeRO-3 sampling is a collective (each forward gathers the sharded weights): see TransformersSampler.
+        zero3 = bool(ds_config and ds_config["zero_optimization"]["stage"] == 3)
+        on_policy = OnPolicy.for_recipe(recipe, parts.tokenizer, runtime, collate, zero3=zero3, width=parts.width)
+        return cls(recipe, parts, runtime, world, backend, objective, collate, total_steps, on_policy)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -72,9 +77,9 @@ class Session:
 
     # --- one forward serves training and eval
 
-    def forward(self, batch: Batch, num_valid: int | None = None) -> ObjectiveTerms:
+    def forward(self, batch: Batch, num_valid: int | None = None, *, with_ce: bool = True) -> ObjectiveTerms:
         model, teacher, width = self.backend.model, self.parts.teacher, self.parts.width
-        return forward(model, teacher, batch, self.objective, self.runtime, width, num_valid)
+        return forward(model, teacher, batch, self.objective, self.runtime, width, num_valid, with_ce=with_ce)
 
     # --- training
 
@@ -92,23 +97,31 @@ class Session:
         )
 
     def step(
-        self, batches: Iterator[Batch], stop_requested: bool
+        self, batches: Iterator[Batch], stop_requested: bool, state: TrainingState | None = None
     ) -> tuple[dict[str, float], dict[str, float], int, bool]:
         """One optimizer step over the accumulation window: (its metrics, the divergence's diagnostics, global
-        tokens, whether to stop), all reduced over the processes."""
+        tokens, whether to stop), all reduced over the processes. `state`: the run's state before this step (it
+        places the step for on-policy sampling, and keeps the on-policy ratio)."""
         cfg = self.recipe.train
         started = time.perf_counter()
         window = [next(batches) for _ in range(cfg.grad_accum)]
-        # Normalise by the valid positions of the whole global batch, so the summed micro-batch losses of all
-        # ranks equal the loss of that batch in one piece, however it is split.
+        sampled, gen_tokens, gen_s, ratio = [False] * len(window), 0, 0.0, None
+        if self.on_policy is not None and state is not None:
+            # Every sampled batch is built before any forward: the count below must include their positions.
+            ratio = state.on_policy_ratio = self.on_policy.ratio(state.on_policy_ratio)
+            first = state.step * self.micro_batches_per_step + self.world.rank * cfg.grad_accum
+            model = self.backend.model
+            window, sampled, gen_tokens, gen_s = self.on_policy.window(model, window, state.step + 1, ratio, first)
+        # Normalise by the valid positions of the whole global batch (sampled micro-batches count their generated
+        # positions), so the summed micro-batch losses of all ranks equal the loss of that batch in one piece.
         (num_valid,) = all_reduce_sum(
             [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)], self.runtime.device
         )
         sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         stats: dict[str, float] = {}
         tokens = 0
-        for batch in window:
-            terms = self.forward(batch, int(num_valid))
+        for batch, on_policy in zip(window, sampled, strict=True):
+            terms = self.forward(batch, int(num_valid), with_ce=not on_policy)
             self.backend.backward(terms.total)
             for key, value in (("loss", terms.total), ("ce", terms.ce), ("kd", terms.kd)):
                 sums[key] += float(value.detach())
@@ -118,10 +131,12 @@ class Session:
             del terms
         grad_norm, lr = self.backend.step()
         # One all-reduce gives the global numbers and lets every rank agree on a Ctrl-C.
-        reduced = all_reduce_sum([*sums.values(), tokens, float(stop_requested), *stats.values()], self.runtime.device)
+        local = [*sums.values(), tokens, float(stop_requested), gen_tokens, gen_s, *stats.values()]
+        reduced = all_reduce_sum(local, self.runtime.device)
         sums = dict(zip(sums, reduced[:3], strict=True))
         tokens, stopping = int(reduced[3]), reduced[4] > 0
-        stats = dict(zip(stats, reduced[5:], strict=True))
+        gen_tokens, gen_s = int(reduced[5]), reduced[6] / self.world.world_size
+        stats = dict(zip(stats, reduced[7:], strict=True))
         record = {
             "loss": sums["loss"],
             "kd": sums["kd"],
@@ -129,7 +144,11 @@ class Session:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(1e-9, time.perf_counter() - started),
+            "gen_tokens": gen_tokens,  # sampled by the student this step, all processes
+            "gen_s": gen_s,  # seconds of this step spent sampling (mean over processes)
         }
+        if ratio is not None:
+            record["on_policy_ratio"] = ratio
         return record, stats, tokens, stopping
 
     # --- eval
@@ -154,6 +173,13 @@ class Session:
         per_step, device = self.micro_batches_per_step, self.runtime.device
         return save_checkpoint(folder, state, write, self.world, keep, per_step, needed=needed, device=device)
 
+    def adapt(self, state: TrainingState) -> None:
+        """After an eval during training: `schedule: adaptive` may raise the on-policy ratio (`next_ratio`)."""
+        if self.on_policy is None or self.on_policy.cfg.schedule != "adaptive":
+            return
+        ratio = self.on_policy.ratio(state.on_policy_ratio)
+        state.on_policy_ratio = next_ratio(ratio, state.evals, state.step, self.on_policy.cfg.adaptive_step)
+
     def restore(self, checkpoint: Path) -> TrainingState:
         return load_checkpoint(checkpoint, lambda folder: self.backend.load(folder, self.runtime.device), self.world)
 
@@ -166,11 +192,14 @@ def forward(
     runtime: Runtime,
     width: int,
     num_valid: int | None = None,
+    *,
+    with_ce: bool = True,
 ) -> ObjectiveTerms:
-    """The one forward of training and eval: the teacher's targets, the student's logits, the objective."""
+    """The one forward of training and eval: the teacher's targets, the student's logits, the objective
+    (`with_ce=False` for a batch the student sampled: see `Objective`)."""
     targets = teacher.targets(batch)
     student_logits = logits_of(model, batch, runtime, width)
-    return objective(student_logits, targets, batch["labels"], num_valid=num_valid)
+    return objective(student_logits, targets, batch["labels"], num_valid=num_valid, with_ce=with_ce)
 
 
 @torch.no_grad()

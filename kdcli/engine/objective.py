@@ -42,16 +42,22 @@ class Objective:
         teacher: object,
         labels: torch.Tensor,
         num_valid: int | None = None,
+        *,
+        with_ce: bool = True,
     ) -> ObjectiveTerms:
         """`num_valid` is the valid-position count of the whole accumulation window, so that the summed
-        micro-batch losses equal the loss of the full batch, however it is split. Default: this batch's count."""
+        micro-batch losses equal the loss of the full batch, however it is split. Default: this batch's count.
+
+        `with_ce=False` (a micro-batch the student sampled: its labels are not the data's) drops the CE term, so
+        the batch adds kd_ratio * scale * D only, still over the window's `num_valid` (see docs/on-policy.md)."""
         count = int(num_valid if num_valid is not None else (labels != IGNORE_INDEX).sum())
         if count < 0:
             raise ValueError(f"num_valid must be >= 0, got {num_valid}")
         if count == 0 and num_valid is not None and bool((labels != IGNORE_INDEX).any()):
             raise ValueError("num_valid=0 but this batch has valid positions; pass the accumulation window's count")
         kd_ratio = self.cfg.kd_ratio
-        ce = cross_entropy(student_logits, labels, count) if kd_ratio < 1.0 else _zero(student_logits)
+        ce_weight = 1.0 - kd_ratio if with_ce else 0.0
+        ce = cross_entropy(student_logits, labels, count) if ce_weight > 0.0 else _zero(student_logits)
         if kd_ratio > 0.0:
             # An empty window has no count to divide by; the divergence then falls back to this call's own N = 0,
             # which gives its zero loss, zero gradient and zero stats instead of refusing num_valid = 0.
@@ -59,7 +65,7 @@ class Objective:
             kd, stats = out.loss, dict(out.stats)
         else:
             kd, stats = _zero(student_logits), {}
-        total = (1.0 - kd_ratio) * ce + kd_ratio * self.kd_scale * kd
+        total = ce_weight * ce + kd_ratio * self.kd_scale * kd
         return ObjectiveTerms(total=total, ce=ce, kd=kd, stats=stats)
 
 

@@ -14,6 +14,11 @@ class TrainingState:
     train_seconds: float = 0.0  # training time before this process started (resumed runs) plus its own
     eval_before: dict[str, float] | None = None
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step": s, **scores} for every eval so far
+    # On-policy training (`on_policy`): the ratio now (it moves under `schedule: adaptive`; None: not in use) and
+    # what the student generated so far, all processes.
+    on_policy_ratio: float | None = None
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0
 
     def to_checkpoint(self, micro_batches_per_step: int) -> dict[str, Any]:
         # The data position is recorded for readers of the checkpoint; resume derives it from `step`.

@@ -138,8 +138,10 @@ def train(
     try:
         with StopRequest().installed() as stop:
             for step in range(state.step + 1, total + 1):
-                record, stats, tokens, stopping = session.step(batches, stop.requested)
+                record, stats, tokens, stopping = session.step(batches, stop.requested, state)
                 state.step, state.tokens_seen = step, state.tokens_seen + tokens
+                state.gen_tokens += record["gen_tokens"]  # on-policy sampling, all processes
+                state.gen_seconds += record["gen_s"]
                 state.train_seconds = clock.seconds()
                 last = {"step": step, **record, "elapsed_s": state.train_seconds, **stats}
                 if metrics and (step % cfg.log_every == 0 or step == total):
@@ -147,6 +149,7 @@ def train(
                 observer.on_step({**last, "total_steps": total, "tokens_seen": state.tokens_seen})
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                     _log_eval(state, step, session.score(), metrics, observer)
+                    session.adapt(state)  # `on_policy.schedule: adaptive` follows the eval loss
                     session.backend.model.train()
                 if (cfg.save_every and step % cfg.save_every == 0) or stopping:
                     observer.message(f"Checkpoint {session.save(folder, state)}")
@@ -240,6 +243,8 @@ def _record(
         tokens_seen=state.tokens_seen,
         tokens_per_s=state.tokens_seen / max(1e-9, state.train_seconds),
         train_seconds=state.train_seconds,
+        gen_tokens=state.gen_tokens,
+        gen_seconds=state.gen_seconds,
         wall_seconds=wall_seconds,
         final=last,
         eval_before=state.eval_before,

@@ -56,6 +56,7 @@ class Generation:
     ids: list[int]  # the new tokens, up to (not including) the first stop token
     text: str  # `ids` decoded, special tokens skipped, stripped
     stopped: Stop
+    stop_id: int | None = None  # the stop token the model produced (one of several EOS ids), None at the length cap
 
     @property
     def generated(self) -> int:
@@ -173,22 +174,34 @@ def generate_batch(
     plan: GenerationPlan,
     batch: int,
     seed: int | None,
+    *,
+    synced_gpus: bool = False,
+    inference_mode: bool = True,
 ) -> list[Generation]:
     """The responses of batch number `batch` of `plan`, in that batch's order. `seed` None leaves torch's RNG as
-    it is (greedy decoding needs none). The model should be in eval mode (see `eval_mode`)."""
+    it is (greedy decoding needs none). The model should be in eval mode (see `eval_mode`).
+
+    `synced_gpus`: every process keeps stepping until all are done, as DeepSpeed ZeRO-3 needs (each forward
+    gathers the sharded weights, a collective every rank must join); every process must then call this together.
+    `inference_mode=False` runs under `no_grad` instead: ZeRO-3 gathers weights into tensors that training goes on
+    using, which inference mode would leave unusable for autograd."""
     import torch
 
     if seed is not None:
         torch.manual_seed(batch_seed(seed, batch))
     input_ids, attention_mask = _left_pad([plan.prompt_ids[i] for i in plan.batches[batch]], plan.pad, model.device)
-    with torch.inference_mode():
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=plan.config)
+    extra = {"synced_gpus": True} if synced_gpus else {}
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=plan.config, **extra
+        )
     out: list[Generation] = []
     for ids in output[:, input_ids.shape[1] :].tolist():
         cut = next((k for k, t in enumerate(ids) if t in plan.stops), None)
         kept = ids if cut is None else ids[:cut]
         text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-        out.append(Generation(kept, text, "eos" if cut is not None else "max_new_tokens"))
+        stopped: Stop = "eos" if cut is not None else "max_new_tokens"
+        out.append(Generation(kept, text, stopped, None if cut is None else ids[cut]))
     return out
 
 

@@ -78,6 +78,14 @@ def _cache_k(recipe: Recipe) -> int | None:
     return DEFAULT_CACHE_K
 
 
+def _sampled_tokens(recipe: Recipe) -> int:
+    """`on_policy.max_new_tokens` when the recipe samples from the student (getattr: older schemas lack it)."""
+    on_policy = getattr(recipe, "on_policy", None)
+    if on_policy is None or not (on_policy.ratio > 0 or on_policy.schedule == "adaptive"):
+        return 0
+    return int(on_policy.max_new_tokens)
+
+
 def recipe_settings(recipe: Recipe, *, world_size: int, device: Device, memory: int | None) -> Settings:
     """The recipe's settings that memory depends on. The `deepspeed:` section and `teacher.cache` are read with
     getattr, so plans work with schemas that have them and those that do not."""
@@ -104,6 +112,7 @@ def recipe_settings(recipe: Recipe, *, world_size: int, device: Device, memory: 
         offload_param=bool(getattr(ds, "offload_param", False)),
         teacher_zero3=bool(getattr(ds, "teacher_zero3", False)),
         cache_k=_cache_k(recipe),
+        sampled_tokens=_sampled_tokens(recipe),
     )
 
 

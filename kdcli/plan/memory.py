@@ -57,10 +57,12 @@ class Settings:
     teacher_zero3: bool = False
     cache_k: int | None = None  # top-K of a teacher cache; None = the teacher runs online
     activation_checkpointing: bool = False
+    sampled_tokens: int = 0  # on-policy: tokens the student samples per prompt at most (0: no sampling)
 
     @property
     def tokens(self) -> int:
-        return self.batch_size * self.seq_len
+        """Tokens of a micro-batch as trained: a sampled one is its prompts plus up to `sampled_tokens` each."""
+        return self.batch_size * (self.seq_len + self.sampled_tokens)
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,17 @@ def teacher_memory(shape: ModelShape, s: Settings, *, zero3: bool = False) -> Te
     return Teacher(weights=weights, activations=teacher_activations(shape, s.tokens, elem))
 
 
+def generation_memory(shape: ModelShape, s: Settings, elem: int, vocab: int) -> int:
+    """The student sampling an on-policy micro-batch (no grad, before the window's forwards, so it never coexists
+    with activations): its KV cache, 2·L·B·(T + n)·g·d·elem, plus the prompt's prefill (one layer alive, as the
+    teacher's forward) and the last position's logits with the sampling softmax, B·V·4·2. 0 without sampling."""
+    if not s.sampled_tokens:
+        return 0
+    kv = 2 * shape.layers * s.batch_size * (s.seq_len + s.sampled_tokens) * shape.kv_dim * elem
+    prefill = teacher_activations(shape, s.batch_size * s.seq_len, elem)
+    return kv + prefill + s.batch_size * vocab * 4 * 2
+
+
 @dataclass(frozen=True)
 class Row:
     """One configuration of the table: a label, the student's states and the per-rank totals."""
@@ -256,16 +269,18 @@ class Row:
     teacher: Teacher
     logits: Logits
     chosen: bool = False
+    generation: int = 0  # on-policy sampling's transient (KV cache, prefill, logits), `generation_memory`
 
     @property
     def total(self) -> int:
-        """Chunked losses. Teacher and student activations never coexist (the teacher runs first, no grad)."""
-        peak_work = max(self.teacher.activations, self.activations + self.logits.total_chunked)
+        """Chunked losses. Teacher and student activations never coexist (the teacher runs first, no grad), nor
+        does the student's sampling (it runs before the window's forwards)."""
+        peak_work = max(self.teacher.activations, self.generation, self.activations + self.logits.total_chunked)
         return self.states.device + self.teacher.weights + peak_work
 
     @property
     def total_naive(self) -> int:
-        peak_work = max(self.teacher.activations, self.activations + self.logits.total_naive)
+        peak_work = max(self.teacher.activations, self.generation, self.activations + self.logits.total_naive)
         return self.states.device + self.teacher.weights + peak_work
 
 
@@ -283,9 +298,11 @@ class Plan:
 
 def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
     """The plain engine (one process) and ZeRO stages 0-3 at the chosen world size."""
-    logits = logits_memory(min(teacher.vocab, student.vocab), s)
+    vocab = min(teacher.vocab, student.vocab)
+    logits = logits_memory(vocab, s)
     rows: list[Row] = []
     plain_mode = "autocast" if s.precision == "bf16" else "fp32"
+    plain_elem = 2 if s.precision == "bf16" else 4  # sampling runs in the precision's autocast
     rows.append(
         Row(
             label="kd 1-proc",
@@ -295,8 +312,10 @@ def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
             teacher=teacher_memory(teacher, s),
             logits=logits,
             chosen=not s.deepspeed,
+            generation=generation_memory(student, s, plain_elem, vocab),
         )
     )
+    ds_generation = generation_memory(student, s, 2 if s.ds_bf16 else 4, vocab)
     ds_mode = "bf16" if s.ds_bf16 else "fp32"
     ds_settings = s if s.ds_bf16 == (s.precision == "bf16") else _with_precision(s, "bf16" if s.ds_bf16 else "fp32")
     ds_logits = logits_memory(min(teacher.vocab, student.vocab), ds_settings)
@@ -320,6 +339,7 @@ def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
                 teacher=ds_teacher,
                 logits=ds_logits,
                 chosen=s.deepspeed and s.zero_stage == stage,
+                generation=ds_generation,
             )
         )
     return Plan(teacher=teacher, student=student, settings=s, rows=rows)

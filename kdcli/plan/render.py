@@ -31,7 +31,9 @@ def header(plan: Plan) -> Text:
         f"teacher {t.params / 1e6:,.1f}M params ({t.layers} layers, hidden {t.hidden}, vocab {t.vocab:,})  →  "
         f"student {st.params / 1e6:,.1f}M params ({st.layers} layers, hidden {st.hidden})"
         + (f", {st.trainable:,} trainable (LoRA)" if st.trainable is not None else ""),
-        f"micro-batch {s.batch_size} × {s.seq_len} tokens (max_length: padded batches are often shorter), "
+        f"micro-batch {s.batch_size} × {s.seq_len} tokens (max_length: padded batches are often shorter)"
+        + (f" + {s.sampled_tokens} sampled on-policy" if s.sampled_tokens else "")
+        + ", "
         f"grad_accum {s.grad_accum}, precision {s.precision}, divergence {s.divergence}, kd_ratio {s.kd_ratio:g}",
         f"world size {s.world_size}, device {s.device}, memory per rank {limit}",
     ]
@@ -48,6 +50,12 @@ def parts_table(plan: Plan) -> Table:
     table.add_column("how")
     s = plan.settings
     table.add_row("student activations", format_bytes(row.activations), "saved for backward, all layers")
+    if row.generation:
+        table.add_row(
+            "student sampling (on-policy)",
+            format_bytes(row.generation),
+            f"KV cache of {s.seq_len + s.sampled_tokens} positions, prefill, logits",
+        )
     if row.teacher.cached:
         k = s.cache_k or 0
         table.add_row("teacher (cache)", format_bytes(row.teacher.activations), f"top-{k} targets of the batch")

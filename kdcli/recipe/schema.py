@@ -312,6 +312,42 @@ class GenerationConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts generated together.")
 
 
+class OnPolicyConfig(Section):
+    ratio: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "λ: the chance that a micro-batch's responses are sampled from the current student (no gradient) and "
+            "scored by the teacher online, instead of read from the data; 0: off (every batch as without this "
+            "section), 1: every micro-batch. On a sampled micro-batch the divergence covers the generated tokens "
+            "and CE is not applied: objective = kd_ratio x divergence there (see `docs/on-policy.md`)."
+        ),
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Tokens the student samples per prompt at most (EOS ends it).")
+    temperature: float = Field(1.0, gt=0, description="The student's sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass; 1 disables it.")
+    top_k: int = Field(0, ge=0, description="Sample from the K likeliest tokens; 0 (or null) disables it.")
+    schedule: Literal["constant", "adaptive"] = Field(
+        "constant",
+        description=(
+            "`constant`: `ratio` throughout. `adaptive` (DistiLLM): starts at `ratio` and rises by `adaptive_step` "
+            "(up to 1) after every `train.eval_every` eval whose loss is not below the previous eval's."
+        ),
+    )
+    adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="`schedule: adaptive`: how much the ratio rises.")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _no_top_k(cls, top_k: Any) -> Any:
+        return 0 if top_k is None else top_k
+
+    @property
+    def active(self) -> bool:
+        """Whether any micro-batch can be sampled: a ratio above 0, or a schedule that may raise it."""
+        return self.ratio > 0 or self.schedule == "adaptive"
+
+
 NAME_PLACEHOLDERS = ("divergence", "seed")
 
 
@@ -333,9 +369,34 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     deepspeed: DeepSpeedConfig | None = Field(
         None, description="Train on DeepSpeed ZeRO (see `docs/scale-out.md`); absent: plain PyTorch."
     )
+
+    @field_validator("on_policy")
+    @classmethod
+    def _on_policy_fits_the_recipe(cls, on_policy: OnPolicyConfig, info: ValidationInfo) -> OnPolicyConfig:
+        """Cross-field checks (the sections above are validated by now; one that failed is skipped)."""
+        if not on_policy.active:
+            return on_policy
+        what = f"ratio {on_policy.ratio:g}" if on_policy.schedule == "constant" else "schedule: adaptive"
+        teacher, loss, train, data = (info.data.get(key) for key in ("teacher", "loss", "train", "data"))
+        if teacher is not None and teacher.cache:
+            raise ValueError(
+                f"on_policy.ratio > 0 ({what}) needs the teacher online to score the student's samples, and "
+                "teacher.cache only holds targets for the data's responses; drop teacher.cache or set "
+                "on_policy.ratio: 0"
+            )
+        if loss is not None and loss.kd_ratio == 0:
+            raise ValueError(
+                "sampled micro-batches train the divergence only (CE needs the data's responses), and loss.kd_ratio "
+                "is 0; raise loss.kd_ratio or set on_policy.ratio: 0"
+            )
+        no_evals = (train is not None and not train.eval_every) or (data is not None and not data.eval)
+        if on_policy.schedule == "adaptive" and no_evals:
+            raise ValueError("schedule: adaptive follows the eval loss; set train.eval_every and data.eval")
+        return on_policy
 
     @model_validator(mode="after")
     def _resolve_name(self) -> Recipe:
