@@ -24,7 +24,7 @@ from test_distill import runner, tiny_recipe
 
 from kdcli.cli import app
 from kdcli.loggers import TrainingLog
-from kdcli.recipe import validate_recipe
+from kdcli.recipe import TrainConfig, validate_recipe
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (in .[dev]) is not installed")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -184,7 +184,7 @@ def test_training_log_follows_log_every_and_skips_steps_before_a_resume() -> Non
 
     fresh, resumed = Recorder(), Recorder()
     for logger, start in ((fresh, 0), (resumed, 4)):
-        log = TrainingLog([logger], log_every=3)  # type: ignore[list-item]
+        log = TrainingLog([logger], TrainConfig(log_every=3))  # type: ignore[list-item]
         log.on_start({"run_dir": "run", "start_step": start})
         for step in range(start + 1, 8):
             log.on_step({"step": step, "total_steps": 7, "loss": 1.0, "elapsed_s": 2.0, "tokens_seen": 9})

@@ -60,7 +60,7 @@ def distill(
     if loggers:
         from kdcli.loggers import Fanout, TrainingLog
 
-        observer = Fanout(observer, TrainingLog(loggers, resolved.train.log_every))
+        observer = Fanout(observer, TrainingLog(loggers, resolved.train))
     with user_errors():
         try:
             run_distill(resolved, overwrite=overwrite, observer=observer, resume=resume)

@@ -144,7 +144,7 @@ def train(
                 state.gen_seconds += record["gen_s"]
                 state.train_seconds = clock.seconds()
                 last = {"step": step, **record, "elapsed_s": state.train_seconds, **stats}
-                if metrics and (step % cfg.log_every == 0 or step == total):
+                if metrics and cfg.logs_step(step, total):
                     metrics.write(last)
                 observer.on_step({**last, "total_steps": total, "tokens_seen": state.tokens_seen})
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != total:

@@ -3,7 +3,7 @@
 when the loggers are built, before any slow work.
 
     loggers = loggers_for(recipe.train.report_to, run_name=recipe.name, config=recipe.model_dump(mode="json"))
-    observer = Fanout(RichObserver(), TrainingLog(loggers, recipe.train.log_every))   # what kd distill does
+    observer = Fanout(RichObserver(), TrainingLog(loggers, recipe.train))   # what kd distill does
 
 Layout: `base` (the `Logger` protocol, metric names), `observer` (loggers as engine observers), one module per
 tracker. The engine never imports this package: the CLI composes the observers.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.loggers.base import Logger, eval_scalars, train_scalars
+from kdcli.recipe import TrainConfig
 
 
 class TrainingLog:
@@ -17,8 +18,8 @@ class TrainingLog:
     as `train/<key>`, each eval as `eval/<key>`. Opened by `on_start` (the run folder exists by then), ended by
     `on_end`, or by `close` when the run failed or was interrupted."""
 
-    def __init__(self, loggers: Sequence[Logger], log_every: int = 1) -> None:
-        self.loggers, self.log_every = list(loggers), log_every
+    def __init__(self, loggers: Sequence[Logger], train: TrainConfig) -> None:
+        self.loggers, self.train = list(loggers), train
         self.start_step = 0
         self.opened = False
 
@@ -35,7 +36,7 @@ class TrainingLog:
         step = int(record["step"])
         if not self.opened or step <= self.start_step:  # a resumed run logged those before its checkpoint
             return
-        if step % self.log_every and step != record.get("total_steps"):
+        if not self.train.logs_step(step, int(record["total_steps"])):
             return
         self._send(step, train_scalars(record))
 

@@ -263,6 +263,10 @@ class TrainConfig(Section):
         # `auto` asks about the device this recipe trains on: a CPU run on a GPU machine is not a GPU run.
         return resolve_precision(precision, str(info.data.get("device", "auto")))
 
+    def logs_step(self, step: int, total_steps: int) -> bool:
+        """Whether `step` is recorded (`metrics.jsonl` and the loggers): every `log_every` steps, and the last."""
+        return step % self.log_every == 0 or step == total_steps
+
 
 class DeepSpeedConfig(Section):
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage: 0 (plain DDP), 1, 2 or 3 (shard the weights too).")
