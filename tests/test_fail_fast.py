@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from test_data_errors import error_line
 from test_distill import tiny_recipe
 from typer.testing import CliRunner
 
@@ -34,16 +34,6 @@ def unreadable_weights(source: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def weightless(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Path:
     return unreadable_weights(tiny_teacher, tmp_path_factory.mktemp("weightless") / "teacher")
-
-
-def error_line(result: Any, *parts: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for part in parts:
-        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def test_unreadable_weights_are_reached_when_the_input_is_good(tmp_path: Path, weightless: Path) -> None:
