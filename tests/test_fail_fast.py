@@ -141,3 +141,20 @@ def test_prompts_only_data_is_checked_for_prompts_before_the_teacher_loads(tmp_p
     prompts.write_text(json.dumps({"title": "Name a color."}) + "\n", encoding="utf-8")
     result = runner.invoke(app, ["cache-teacher", str(recipe), "--out", str(tmp_path / "cache")])
     error_line(result, "data.train", "prompt")
+
+
+def test_a_cache_with_a_pretrained_student_needs_no_teacher(tmp_path: Path, tiny_teacher: Path) -> None:
+    """The student's config comes from the student alone, so the teacher may be gone once its cache is written."""
+    teacher = shutil.copytree(tiny_teacher, tmp_path / "teacher")
+    recipe = tiny_recipe(
+        tmp_path, teacher, student={"init": "pretrained", "model": str(tiny_teacher)}, train={"max_steps": 2}
+    )
+    out = tmp_path / "cache"
+    result = runner.invoke(app, ["cache-teacher", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(teacher)
+    settings = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    settings["teacher"]["cache"] = str(out)
+    recipe.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    result = runner.invoke(app, ["distill", str(recipe)])
+    assert result.exit_code == 0, result.output

@@ -102,7 +102,7 @@ def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
 
     root, manifest = read_manifest_for(recipe, observer.message)
     tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
-    config = student_config(recipe.student, load_config(recipe.teacher.model))
+    config = student_config(recipe.student, lambda: load_config(recipe.teacher.model))
     if recipe.student.lora:
         trainable_for(config, recipe.student.lora)
     cache = open_for_training(recipe, root, manifest, tokenizer, int(config.get_text_config().vocab_size))

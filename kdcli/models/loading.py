@@ -270,21 +270,31 @@ def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> Pre
 
 
 def student_config(
-    cfg: StudentConfig, teacher: PretrainedConfig, *, read: ConfigReader = load_config
+    cfg: StudentConfig,
+    teacher: PretrainedConfig | Callable[[], PretrainedConfig],
+    *,
+    read: ConfigReader = load_config,
 ) -> PretrainedConfig:
     """The student's config as `build_student` makes it, from configs alone: no weights are loaded.
 
-    `teacher` is the teacher's config. `read(spec, field=...)` gives the config of `student.model` where the
-    recipe names one; `kd plan` passes a reader that never converts a built-in model.
+    `teacher` is the teacher's config, or a function that reads it, called only when the student derives from it
+    (not for `init: pretrained`, nor `init: random` on its own `student.model`), so training from a cache needs no
+    teacher then. `read(spec, field=...)` gives the config of `student.model` where the recipe names one; `kd plan`
+    passes a reader that never converts a built-in model.
     """
+
+    def teacher_config() -> PretrainedConfig:
+        return teacher() if callable(teacher) else teacher
+
     if cfg.init == "pretrained":
         assert cfg.model is not None  # the schema requires it
         return read(cfg.model, field="student.model")
     if cfg.init == "random":
-        base = read(cfg.model, field="student.model") if cfg.model else teacher
+        base = read(cfg.model, field="student.model") if cfg.model else teacher_config()
         return _apply_overrides(base, cfg.overrides)
     # init: teacher — the same layer cut `_pruned_copy` makes, on the config only.
-    return _pruned_config(teacher, _kept_layers(cfg.layers, teacher.num_hidden_layers))
+    config = teacher_config()
+    return _pruned_config(config, _kept_layers(cfg.layers, config.num_hidden_layers))
 
 
 def student_tokenizer(
