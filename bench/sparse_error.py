@@ -156,7 +156,7 @@ def main() -> None:
         [("trained", ["student.init=pretrained", f"student.model={args.student}"])] if args.student else []
     ):
         student_recipe = load_recipe(RECIPE, overrides)
-        model, _ = build_student(
+        model = build_student(
             student_recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher_model
         )
         students.append((label, args.student if label == "trained" else "", labelled_logits(model.eval(), batch)))

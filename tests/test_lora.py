@@ -35,7 +35,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Pa
 
 def _initial_student(run_dir: Path) -> torch.nn.Module:
     recipe = load_recipe(run_dir / "recipe.yaml")
-    student, _ = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed)
+    student = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed)
     return student.eval()
 
 

@@ -45,6 +45,7 @@ from kdcli.models import (
     load_tokenizer,
     resolve_model,
     student_config,
+    student_tokenizer,
 )
 from kdcli.recipe.schema import StudentConfig, TeacherConfig
 
@@ -227,7 +228,8 @@ def test_builtin_teacher_prunes_to_a_working_student(builtin_dir: Conversion, mo
     monkeypatch.setenv("KD_HOME", str(builtin_dir.home))
     teacher = load_teacher(TeacherConfig(), torch.float32)
     assert count_parameters(teacher) == 134_515_008  # tied embeddings counted once
-    student, tokenizer = build_student(StudentConfig(), BUILTIN, torch.float32, seed=0, teacher=teacher)
+    student = build_student(StudentConfig(), BUILTIN, torch.float32, seed=0, teacher=teacher)
+    tokenizer = student_tokenizer(StudentConfig(), BUILTIN)
     assert student.config.num_hidden_layers == 15
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     out = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
@@ -383,7 +385,8 @@ def _layer_params(model: PreTrainedModel, index: int) -> dict[str, torch.Tensor]
 
 def test_every_other_copies_layers_0_and_2(tiny_teacher: Path, tiny_teacher_model: PreTrainedModel) -> None:
     teacher = tiny_teacher_model
-    student, tokenizer = build_student(StudentConfig(), str(tiny_teacher), torch.float32, seed=0, teacher=teacher)
+    student = build_student(StudentConfig(), str(tiny_teacher), torch.float32, seed=0, teacher=teacher)
+    tokenizer = student_tokenizer(StudentConfig(), str(tiny_teacher))
     assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
     for new, old in ((0, 0), (1, 2)):
         s, t = _layer_params(student, new), _layer_params(teacher, old)
@@ -407,7 +410,8 @@ def test_every_other_copies_layers_0_and_2(tiny_teacher: Path, tiny_teacher_mode
 
 def test_pruned_student_generates_with_kv_cache(tiny_teacher: Path, tiny_teacher_model: PreTrainedModel) -> None:
     cfg = StudentConfig(layers=[1, 3])
-    student, tokenizer = build_student(cfg, str(tiny_teacher), torch.float32, seed=0, teacher=tiny_teacher_model)
+    student = build_student(cfg, str(tiny_teacher), torch.float32, seed=0, teacher=tiny_teacher_model)
+    tokenizer = student_tokenizer(cfg, str(tiny_teacher))
     student.eval()
     assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
     ids = tokenizer("the quick brown fox", return_tensors="pt").input_ids
@@ -418,12 +422,13 @@ def test_pruned_student_generates_with_kv_cache(tiny_teacher: Path, tiny_teacher
 def test_explicit_layers_and_all_without_a_loaded_teacher(
     tiny_teacher: Path, tiny_teacher_model: PreTrainedModel
 ) -> None:
-    student, _ = build_student(StudentConfig(layers=[1, 3]), str(tiny_teacher), torch.float32, seed=0)
+    student = build_student(StudentConfig(layers=[1, 3]), str(tiny_teacher), torch.float32, seed=0)
     for new, old in ((0, 1), (1, 3)):
         s, t = _layer_params(student, new), _layer_params(tiny_teacher_model, old)
         assert all(torch.equal(s[k], t[k]) for k in s)
 
-    full, tokenizer = build_student(StudentConfig(layers="all"), str(tiny_teacher), torch.float32, seed=0)
+    full = build_student(StudentConfig(layers="all"), str(tiny_teacher), torch.float32, seed=0)
+    tokenizer = student_tokenizer(StudentConfig(layers="all"), str(tiny_teacher))
     ids = tokenizer("the lazy dog", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(full(ids).logits, tiny_teacher_model(ids).logits)
@@ -452,7 +457,7 @@ def test_pruning_keeps_per_layer_config_lists(tiny_teacher: Path) -> None:
     teacher = Qwen2ForCausalLM(config).eval()
     assert teacher.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     # The teacher spec only supplies the tokenizer here: tiny_teacher's has the same vocabulary.
-    student, _ = build_student(StudentConfig(layers=[1, 2]), str(tiny_teacher), torch.float32, 0, teacher=teacher)
+    student = build_student(StudentConfig(layers=[1, 2]), str(tiny_teacher), torch.float32, 0, teacher=teacher)
     assert student.config.layer_types == ["full_attention", "sliding_attention"]
     assert [layer.self_attn.sliding_window for layer in student.model.layers] == [None, 4]
     student.eval()
@@ -463,9 +468,10 @@ def test_pruning_keeps_per_layer_config_lists(tiny_teacher: Path) -> None:
 
 def test_random_init_with_overrides_is_seeded(tiny_teacher: Path, tiny_teacher_model: PreTrainedModel) -> None:
     cfg = StudentConfig(init="random", overrides={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48})
-    a, tokenizer = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
-    b, _ = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
-    c, _ = build_student(cfg, str(tiny_teacher), torch.float32, seed=1)
+    a = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
+    tokenizer = student_tokenizer(cfg, str(tiny_teacher))
+    b = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
+    c = build_student(cfg, str(tiny_teacher), torch.float32, seed=1)
     assert (a.config.num_hidden_layers, a.config.hidden_size, a.config.intermediate_size) == (2, 32, 48)
     assert a.config.head_dim == 8  # derived again from the new hidden_size, not the teacher's 16
     assert a.config.vocab_size == tiny_teacher_model.config.vocab_size
@@ -492,7 +498,7 @@ def test_random_init_rederives_layer_patterns(tiny_teacher: Path, tmp_path: Path
     )
     config.save_pretrained(tmp_path)
     cfg = StudentConfig(init="random", model=str(tmp_path), overrides={"num_hidden_layers": 6})
-    student, _ = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
+    student = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
     assert student.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 4
 
 
@@ -512,7 +518,7 @@ def _config_fields(config) -> dict:
 def test_student_config_is_the_config_build_student_makes(
     tiny_teacher: Path, tiny_teacher_model: PreTrainedModel, cfg: StudentConfig
 ) -> None:
-    student, _ = build_student(cfg, str(tiny_teacher), torch.float32, seed=0, teacher=tiny_teacher_model)
+    student = build_student(cfg, str(tiny_teacher), torch.float32, seed=0, teacher=tiny_teacher_model)
     derived = student_config(cfg, tiny_teacher_model.config)
     assert _config_fields(derived) == _config_fields(student.config)
 
@@ -552,7 +558,8 @@ def test_unknown_override_suggests_the_key(tiny_teacher: Path) -> None:
 
 def test_vocabulary_mismatch_is_refused(tiny_teacher: Path, tiny_other_vocab: Path) -> None:
     cfg = StudentConfig(init="pretrained", model=str(tiny_other_vocab))
-    student, student_tok = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
+    student = build_student(cfg, str(tiny_teacher), torch.float32, seed=0)
+    student_tok = student_tokenizer(cfg, str(tiny_teacher))
     teacher_tok = load_tokenizer(str(tiny_teacher))
     teacher_config = AutoConfig.from_pretrained(tiny_teacher)
     assert student.training

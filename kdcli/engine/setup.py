@@ -113,7 +113,7 @@ def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
 def _student(recipe: Recipe, observer: Observer, teacher: Any) -> torch.nn.Module:
     observer.message(f"Building student ({recipe.student.init})")
     # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
-    student, _ = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
+    student = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
     if recipe.student.lora:  # only the adapters train: the optimizer is built from what requires grad
         return apply_lora(student, recipe.student.lora, recipe.seed)
     return student

@@ -315,8 +315,8 @@ def build_student(
     teacher: PreTrainedModel | None = None,
     *,
     on_message: Message | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The student (train mode) and its tokenizer: the teacher's, except for `init: pretrained`.
+) -> PreTrainedModel:
+    """The student (train mode); its tokenizer is `student_tokenizer`'s.
 
     `teacher` is reused for `init: teacher` to avoid loading it twice; its tensors are copied, never shared.
     """
@@ -338,7 +338,7 @@ def build_student(
         student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     student.train()
     student.requires_grad_(True)
-    return student, student_tokenizer(cfg, teacher_spec, on_message=on_message)
+    return student
 
 
 def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
