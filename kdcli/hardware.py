@@ -130,6 +130,12 @@ class Runtime:
 
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
+    def product_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype a model's matrix products run in: bf16 under bf16 autocast, else the weight's own."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else weight_dtype
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on this device's type, or nothing in fp32. A fresh context each call: autocast objects
         are not reentrant."""

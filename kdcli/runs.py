@@ -60,6 +60,7 @@ class RunRecord:
     torch_threads: int | None = None
     precision: str | None = None
     divergence: str | None = None
+    fused_head: bool | None = None  # `loss.fused`: the loss was taken from hidden states, never whole logits
     parameters: dict[str, int] = field(default_factory=dict)  # {"teacher": n, "student": n}
     steps: int | None = None
     resumed_from: int | None = None

@@ -147,6 +147,37 @@ def test_logits_chunked_vs_naive() -> None:
     assert logits_memory(v, Settings(batch_size=8, seq_len=256, kd_ratio=0.0)).naive == 0
 
 
+def test_fused_head_logits_part() -> None:
+    """The fused head holds one chunk (with the fused work), ∂/∂h and the student head's bf16 copy; DeepSpeed rows,
+    `loss.fused: false` and a model type kd does not fuse keep the plain figures."""
+    import dataclasses
+
+    import torch
+
+    from kdcli.losses import get_loss, sizing
+
+    n, v, d = 8 * 1024, 49152, 576
+    llama = ModelShape(v, d, 1536, 15, 9, 3, 64, True, 81_000_000, v * d, model_type="llama")
+    s = Settings(batch_size=8, seq_len=1024, precision="bf16", divergence="fkl", kd_ratio=0.5, device="cpu")
+    plan = build_plan(llama, llama, s)
+    lg = plan.rows[0].logits
+    rows = sizing.chunk_rows(n, v, "fkl", device_type="cpu", sparse=False, chunk_size=None, fused=True)
+    assert rows == get_loss("fkl").chunk_rows(n, v, torch.device("cpu"), torch.float32, False, fused=True)
+    assert lg.fused == rows * v * 4 * (8 + 3) + n * d * 4 + d * v * 2
+    assert lg.total_chunked == lg.fused <= 0.1 * (lg.common + lg.chunked)
+    assert all(r.logits.fused is None for r in plan.rows[1:])  # ZeRO rows: the student trains under DeepSpeed
+    assert plan.rows[0].total < plan.rows[1].total
+    assert build_plan(llama, llama, dataclasses.replace(s, fused=False)).rows[0].logits.fused is None
+    gpt2 = dataclasses.replace(llama, model_type="gpt2")
+    assert build_plan(gpt2, gpt2, s).rows[0].logits.fused is None
+    # A teacher kd cannot fuse keeps its whole logits beside the fused student.
+    mixed = build_plan(gpt2, llama, s).rows[0].logits
+    assert mixed.fused == lg.fused + n * v * 2
+    # fp32: no 16-bit copy of the output weight.
+    fp32 = build_plan(llama, llama, dataclasses.replace(s, precision="fp32")).rows[0].logits
+    assert fp32.fused == rows * v * 4 * 11 + n * d * 4
+
+
 def test_cache_replaces_teacher_logits() -> None:
     shape = ModelShape(512, 64, 128, 2, 4, 2, 16, True, 100_000, 32_768)
     s = Settings(batch_size=2, seq_len=10, cache_k=8, grad_accum=3)

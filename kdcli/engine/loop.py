@@ -10,7 +10,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,14 @@ from kdcli.data import micro_batches
 from kdcli.engine.backends import DeepSpeedStudent, PlainStudent, StudentBackend
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.engine.distributed import World, all_reduce_sum, place_teacher
-from kdcli.engine.objective import IGNORE_INDEX, Objective, ObjectiveTerms
+from kdcli.engine.objective import IGNORE_INDEX, Heads, Objective, ObjectiveTerms, choose_heads
 from kdcli.engine.on_policy import OnPolicy, next_ratio
 from kdcli.engine.optim import build_optimizer, build_scheduler
 from kdcli.engine.setup import Prepared
 from kdcli.engine.state import TrainingState
-from kdcli.engine.teachers import Batch, TeacherSource
+from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
 from kdcli.hardware import Runtime
-from kdcli.models import count_parameters, logits_of
+from kdcli.models import FusedHead, count_parameters, logits_of, projected_logits_of
 from kdcli.recipe import Recipe
 from kdcli.runs import RunFolder
 
@@ -43,6 +43,7 @@ class Session:
     collate: Callable[[Sequence[Any]], Batch]
     total_steps: int
     on_policy: OnPolicy | None = None  # None: every micro-batch is the data's (`on_policy.ratio: 0`)
+    heads: Heads = field(default_factory=Heads)  # the fused head (`loss.fused`), or the plain path
 
     @classmethod
     def start(
@@ -69,7 +70,8 @@ class Session:
         # Under ZeRO-3 sampling is a collective (each forward gathers the sharded weights): see TransformersSampler.
         zero3 = bool(ds_config and ds_config["zero_optimization"]["stage"] == 3)
         on_policy = OnPolicy.for_recipe(recipe, parts.tokenizer, runtime, collate, zero3=zero3, width=parts.width)
-        return cls(recipe, parts, runtime, world, backend, objective, collate, total_steps, on_policy)
+        heads = _heads(recipe, parts, ds_config)
+        return cls(recipe, parts, runtime, world, backend, objective, collate, total_steps, on_policy, heads)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -79,7 +81,10 @@ class Session:
 
     def forward(self, batch: Batch, num_valid: int | None = None, *, with_ce: bool = True) -> ObjectiveTerms:
         model, teacher, width = self.backend.model, self.parts.teacher, self.parts.width
-        return forward(model, teacher, batch, self.objective, self.runtime, width, num_valid, with_ce=with_ce)
+        head = self.heads.student
+        return forward(
+            model, teacher, batch, self.objective, self.runtime, width, num_valid, with_ce=with_ce, head=head
+        )
 
     # --- training
 
@@ -161,7 +166,7 @@ class Session:
             return None
         batches = (self.collate(eval_set[lo : lo + size]) for lo in range(0, len(eval_set), size))
         model, teacher, width = self.backend.model, self.parts.teacher, self.parts.width
-        return evaluate(model, teacher, batches, self.objective, self.runtime, width)
+        return evaluate(model, teacher, batches, self.objective, self.runtime, width, head=self.heads.student)
 
     # --- checkpoints
 
@@ -194,11 +199,14 @@ def forward(
     num_valid: int | None = None,
     *,
     with_ce: bool = True,
+    head: FusedHead | None = None,
 ) -> ObjectiveTerms:
-    """The one forward of training and eval: the teacher's targets, the student's logits, the objective
-    (`with_ce=False` for a batch the student sampled: see `Objective`)."""
+    """The one forward of training and eval: the teacher's targets, the student's logits (or, with the fused
+    `head`, its hidden states), the objective (`with_ce=False` for a batch the student sampled: see `Objective`)."""
     targets = teacher.targets(batch)
-    student_logits = logits_of(model, batch, runtime, width)
+    student_logits = (
+        projected_logits_of(head, batch, runtime, width) if head else logits_of(model, batch, runtime, width)
+    )
     return objective(student_logits, targets, batch["labels"], num_valid=num_valid, with_ce=with_ce)
 
 
@@ -210,6 +218,8 @@ def evaluate(
     objective: Objective,
     runtime: Runtime,
     width: int,
+    *,
+    head: FusedHead | None = None,
 ) -> dict[str, float]:
     """Token-weighted mean of the objective and its parts over the batches."""
     was_training = model.training
@@ -220,13 +230,24 @@ def evaluate(
         valid = int((batch["labels"] != IGNORE_INDEX).sum())
         if valid == 0:
             continue
-        terms = forward(model, teacher, batch, objective, runtime, width)
+        terms = forward(model, teacher, batch, objective, runtime, width, head=head)
         sums["eval_loss"] += float(terms.total) * valid
         sums["eval_ce"] += float(terms.ce) * valid
         sums["eval_kd"] += float(terms.kd) * valid
         count += valid
     model.train(was_training)
     return {key: value / max(1, count) for key, value in sums.items()} | {"eval_tokens": count}
+
+
+def _heads(recipe: Recipe, parts: Prepared, ds_config: dict[str, Any] | None) -> Heads:
+    """`loss.fused` for this run: the student's head, and the online teacher's where it runs whole on this process."""
+    why_not = "the student trains under DeepSpeed, whose engine owns its forward" if ds_config else None
+    teacher = parts.teacher
+    online = isinstance(teacher, OnlineTeacher) and not (recipe.deepspeed and recipe.deepspeed.teacher_zero3)
+    heads = choose_heads(recipe.loss.fused, parts.student, teacher.model if online else None, why_not)
+    if isinstance(teacher, OnlineTeacher):
+        teacher.head = heads.teacher
+    return heads
 
 
 def _window(recipe: Recipe, world: World) -> int:

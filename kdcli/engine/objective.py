@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import get_loss
+from kdcli.errors import KdError
+from kdcli.losses import ProjectedLogits, fused_objective, get_loss
+from kdcli.models import FusedHead, fused_head
 from kdcli.recipe import LossConfig
 
 IGNORE_INDEX = -100
@@ -38,7 +40,7 @@ class Objective:
 
     def __call__(
         self,
-        student_logits: torch.Tensor,
+        student_logits: torch.Tensor | ProjectedLogits,
         teacher: object,
         labels: torch.Tensor,
         num_valid: int | None = None,
@@ -57,6 +59,17 @@ class Objective:
             raise ValueError("num_valid=0 but this batch has valid positions; pass the accumulation window's count")
         kd_ratio = self.cfg.kd_ratio
         ce_weight = 1.0 - kd_ratio if with_ce else 0.0
+        if isinstance(student_logits, ProjectedLogits):  # the fused head: the same terms, from hidden states
+            fused = fused_objective(
+                self.divergence,
+                student_logits,
+                teacher,  # type: ignore[arg-type]
+                labels,
+                ce_weight=ce_weight,
+                kd_weight=kd_ratio * self.kd_scale,
+                num_valid=count if count > 0 else None,
+            )
+            return ObjectiveTerms(total=fused.total, ce=fused.ce, kd=fused.kd, stats=fused.stats)
         ce = cross_entropy(student_logits, labels, count) if ce_weight > 0.0 else _zero(student_logits)
         if kd_ratio > 0.0:
             # An empty window has no count to divide by; the divergence then falls back to this call's own N = 0,
@@ -85,3 +98,32 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, count: int) -> tor
     # (non-viewable) logits in full.
     rows = logits[valid]
     return F.cross_entropy(rows.to(dtype), labels[valid], reduction="sum") / count
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Where the objective takes the logits from: the fused head of the student (and of an online teacher), or
+    None for the plain path; `note` says why the fused head is off under `loss.fused: auto`."""
+
+    student: FusedHead | None = None
+    teacher: FusedHead | None = None
+    note: str | None = None
+
+
+def choose_heads(
+    setting: bool | str, student: torch.nn.Module, teacher: torch.nn.Module | None, why_not: str | None
+) -> Heads:
+    """The one rule for `loss.fused`: `auto` takes the fused head wherever it applies, `true` requires it (a one-line
+    error naming the reason otherwise), `false` keeps the plain path. `why_not` is a reason of the run's own (e.g.
+    DeepSpeed), `teacher` the online teacher's model (None with a cache, or a sharded teacher)."""
+    if setting is False:
+        return Heads()
+    head = fused_head(student) if why_not is None else why_not
+    if isinstance(head, str):
+        if setting is True:
+            raise KdError(
+                f"loss.fused: true, but the fused head does not apply: {head}. Set loss.fused: auto or false."
+            )
+        return Heads(note=head)
+    teacher_head = fused_head(teacher) if teacher is not None else None
+    return Heads(head, teacher_head if isinstance(teacher_head, FusedHead) else None)

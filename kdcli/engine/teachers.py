@@ -11,11 +11,11 @@ from typing import Protocol
 import torch
 
 from kdcli.hardware import Runtime
-from kdcli.losses import SparseTeacher
-from kdcli.models import logits_of
+from kdcli.losses import ProjectedLogits, SparseTeacher
+from kdcli.models import FusedHead, logits_of, projected_logits_of
 
 Batch = dict[str, torch.Tensor]
-Targets = torch.Tensor | SparseTeacher
+Targets = torch.Tensor | ProjectedLogits | SparseTeacher
 
 
 class TeacherSource(Protocol):
@@ -23,12 +23,14 @@ class TeacherSource(Protocol):
     num_parameters: int
 
     def targets(self, batch: Batch) -> Targets:
-        """Dense logits [B, T, width] or a `SparseTeacher` aligned with `batch['labels']`."""
+        """Dense logits [B, T, width] (or their projection, `ProjectedLogits`) or a `SparseTeacher` aligned with
+        `batch['labels']`."""
         ...
 
 
 class OnlineTeacher:
-    """Runs the teacher model under no_grad on each batch."""
+    """Runs the teacher model under no_grad on each batch. With a `head` (the fused head, `loss.fused`) it stops at
+    the hidden states and the loss projects them a chunk at a time."""
 
     def __init__(
         self,
@@ -42,7 +44,10 @@ class OnlineTeacher:
         self.width = width
         self.description = description
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.head: FusedHead | None = None
 
     @torch.no_grad()
-    def targets(self, batch: Batch) -> torch.Tensor:
+    def targets(self, batch: Batch) -> torch.Tensor | ProjectedLogits:
+        if self.head is not None:
+            return projected_logits_of(self.head, batch, self.runtime, self.width)
         return logits_of(self.model, batch, self.runtime, self.width)

@@ -100,6 +100,8 @@ def _distill(
         folder.truncate_metrics(state.step)
     start_step = state.step
     observer.on_start(_start_info(session, folder, start_step))
+    if session.heads.note:
+        observer.message(f"Plain logits (loss.fused: auto): {session.heads.note}")
     if checkpoint is None:
         state.eval_before = session.score()
         if state.eval_before:
@@ -235,6 +237,7 @@ def _record(
         torch_threads=torch.get_num_threads(),
         precision=session.runtime.precision,
         divergence=recipe.loss.divergence,
+        fused_head=session.heads.student is not None,
         parameters=_parameters(session),
         steps=session.total_steps,
         resumed_from=start_step or None,

@@ -10,8 +10,10 @@ Definitions follow docs/methods.md exactly; the loss is the true divergence (not
 
 Layout: `kernel` is what a divergence author reads (the kernel contract, its types and helpers, the base class);
 each divergence module (`kl`, `skew`, `js`, `tvd`, `akl`, `atkd`) is only its math; `driver` owns chunking, sparse
-bucketing and autograd; `sizing` holds the chunk-size figures (torch-free, read by `kd plan`); `registry` holds the
-specs and their defaults. Names are loaded on first use, so importing this package (or `sizing`) loads no torch.
+bucketing and autograd; `fused` runs the same chunks from hidden states (`projection`: the output layer), with the
+cross-entropy, so that no [B·T, V] tensor exists; `sizing` holds the chunk-size figures (torch-free, read by
+`kd plan`); `registry` holds the specs and their defaults. Names are loaded on first use, so importing this
+package (or `sizing`) loads no torch.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdcli.losses.akl import AdaptiveKL
     from kdcli.losses.atkd import AdaptiveTeaching
+    from kdcli.losses.fused import FusedTerms, fused_objective
     from kdcli.losses.js import JensenShannon
     from kdcli.losses.kernel import ChunkedDivergence, LossConfigError, LossOutput
     from kdcli.losses.kl import ForwardKL, ReverseKL
+    from kdcli.losses.projection import OutputLayer, ProjectedLogits
     from kdcli.losses.registry import LOSSES, LossSpec, get_loss, is_tail_sensitive
     from kdcli.losses.skew import SkewForwardKL, SkewReverseKL
     from kdcli.losses.sparse import IGNORE_INDEX, SparseTeacher
@@ -36,15 +40,19 @@ __all__ = [
     "AdaptiveTeaching",
     "ChunkedDivergence",
     "ForwardKL",
+    "FusedTerms",
     "JensenShannon",
     "LossConfigError",
     "LossOutput",
     "LossSpec",
+    "OutputLayer",
+    "ProjectedLogits",
     "ReverseKL",
     "SkewForwardKL",
     "SkewReverseKL",
     "SparseTeacher",
     "TotalVariation",
+    "fused_objective",
     "get_loss",
     "is_tail_sensitive",
 ]
@@ -57,6 +65,10 @@ _WHERE = {
     "LossConfigError": "kernel",
     "LossOutput": "kernel",
     "ForwardKL": "kl",
+    "FusedTerms": "fused",
+    "fused_objective": "fused",
+    "OutputLayer": "projection",
+    "ProjectedLogits": "projection",
     "ReverseKL": "kl",
     "LOSSES": "registry",
     "LossSpec": "registry",

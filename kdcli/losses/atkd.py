@@ -34,12 +34,12 @@ from .kernel import (
     LossConfigError,
     RowPlan,
     Rows,
+    Teacher,
     check_float,
     rowdot,
     safe_log,
     teacher_label_logprobs,
 )
-from .sparse import SparseTeacher
 
 
 def hard_count(k: float, n: int) -> int:
@@ -74,7 +74,7 @@ class AdaptiveTeaching(ChunkedDivergence):
     def plan(
         self,
         rows: Rows,
-        teacher: Tensor | SparseTeacher,
+        teacher: Teacher,
         labels: Tensor,
         vocab: int,
         cdtype: torch.dtype,

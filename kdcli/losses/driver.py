@@ -24,7 +24,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernel import Buckets, ChunkedDivergence, LossConfigError, LossOutput, Rows, clamp_log_, compute_dtype, rowdot
+from .kernel import (
+    Buckets,
+    Chunk,
+    ChunkedDivergence,
+    LossConfigError,
+    LossOutput,
+    Rows,
+    Teacher,
+    clamp_log_,
+    compute_dtype,
+    logit_rows,
+    rowdot,
+)
+from .projection import ProjectedLogits
 from .sparse import SparseTeacher
 
 # ------------------------------------------------------------------------------------------- chunk functions
@@ -149,91 +162,119 @@ def compile_chunk_fns(**compile_kwargs: Any) -> ChunkFns:
 @dataclass
 class _Job:
     div: ChunkedDivergence
-    teacher: Tensor | SparseTeacher
+    teacher: Teacher
     labels: Tensor
     num_valid: float | None
     stats: dict[str, float] = field(default_factory=dict)
 
 
+class DivergencePass:
+    """One pass of a divergence over the valid rows, a chunk at a time: the teacher's rows, the row plan, the
+    per-chunk loss and gradient, and their reduction. The plain driver (`run`) feeds it slices of the student's
+    logits; the fused head (`kdcli.losses.fused`) feeds it logits it projects per chunk.
+
+    Only for a batch with valid rows (`rows.n > 0`); `empty_stats` gives the stats of one without.
+    """
+
+    def __init__(
+        self,
+        job: _Job,
+        rows: Rows,
+        vocab: int,
+        device: torch.device,
+        cdtype: torch.dtype,
+        *,
+        fused: bool = False,
+    ) -> None:
+        div = self.div = job.div
+        self.dense_fn, self.sparse_fn = div.chunk_fns if div.chunk_fns is not None else (dense_chunk, sparse_chunk)
+        self.rows = rows
+        n = rows.n
+        self.sparse = isinstance(job.teacher, SparseTeacher)
+        self.stats: dict[str, float] = {"valid_positions": float(n)}
+        denom = float(job.num_valid) if job.num_valid is not None else float(n)
+        self.chunk = div.chunk_rows(n, vocab, device, cdtype, self.sparse, fused=fused)
+        self.plan = div.plan(rows, job.teacher, job.labels, vocab, cdtype, denom, self.chunk)
+        self.stats.update(self.plan.stats)
+        self.take_y = rows.source(job.labels)
+        teacher = job.teacher
+        if isinstance(teacher, SparseTeacher):
+            self.take_sparse = [
+                rows.source(t)
+                for t in (teacher.topk_ids, teacher.topk_logprobs, teacher.label_logprob, teacher.tail_mass)
+            ]
+            covered = 1.0 - self.take_sparse[3](rows.whole()).to(torch.float64)
+            self.stats["teacher_mass_covered"] = float(covered.mean())
+        else:
+            self.take_t = logit_rows(rows, teacher)
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums: dict[str, Tensor] = {}
+
+    @staticmethod
+    def empty_stats(job: _Job) -> dict[str, float]:
+        stats = {"valid_positions": 0.0, **dict.fromkeys(job.div.stat_names, 0.0)}
+        if isinstance(job.teacher, SparseTeacher):
+            stats["teacher_mass_covered"] = 0.0
+        return stats
+
+    def chunks(self) -> list[Chunk]:
+        return self.rows.chunks(self.chunk)
+
+    def step(self, c: Chunk, s_rows: Tensor, need_grad: bool) -> tuple[Tensor | None, float | Tensor]:
+        """Add the chunk's share of the loss; return ∂D/∂(z/T) of its rows (None without a gradient) and the scale
+        that turns it into ∂loss/∂z (the row weight over T)."""
+        div, plan = self.div, self.plan
+        hard = plan.hard[c.lo : c.hi] if plan.hard is not None else None
+        y = self.take_y(c)
+        if self.sparse:
+            ids, lps, lab, tail = (take(c) for take in self.take_sparse)
+            loss_rows, g, st = self.sparse_fn(div, s_rows, ids, lps, lab, tail, y, hard, need_grad)
+        else:
+            loss_rows, g, st = self.dense_fn(div, s_rows, self.take_t(c), y, hard, need_grad)
+        scale: float | Tensor
+        if isinstance(plan.weight, Tensor):
+            w = plan.weight[c.lo : c.hi]
+            self.total += rowdot(loss_rows.to(torch.float64), w.to(torch.float64))
+            scale = (w / div.temperature).unsqueeze(1)
+        else:
+            self.total += loss_rows.sum(dtype=torch.float64) * plan.weight
+            scale = plan.weight / div.temperature
+        for key, val in st.items():
+            self.sums[key] = self.sums[key] + val.to(torch.float64) if key in self.sums else val.to(torch.float64)
+        return g, scale
+
+    def finish(self) -> dict[str, float]:
+        """The call's stats, the per-chunk sums averaged over the valid rows."""
+        if self.sums:
+            names = list(self.sums)
+            means = torch.stack([self.sums[k] for k in names]).div_(self.rows.n).tolist()
+            self.stats.update(zip(names, (float(v) for v in means), strict=True))
+        return self.stats
+
+
 def _run(job: _Job, student: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    div = job.div
-    dense_fn, sparse_fn = div.chunk_fns if div.chunk_fns is not None else (dense_chunk, sparse_chunk)
     vocab = int(student.shape[-1])
     cdtype = compute_dtype(student.dtype)
     out_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
     rows = Rows(job.labels)
-    n = rows.n
-    sparse = isinstance(job.teacher, SparseTeacher)
-    stats: dict[str, float] = {"valid_positions": float(n)}
-    job.stats = stats
-
     grad: Tensor | None = None
     if need_grad:
         # Every valid row is overwritten, so zero-filling is only needed when some rows are masked.
-        alloc = torch.empty if n == rows.total else torch.zeros
+        alloc = torch.empty if rows.n == rows.total else torch.zeros
         grad = alloc((rows.total, vocab), dtype=student.dtype, device=student.device)
-    if n == 0:
-        stats.update(dict.fromkeys(div.stat_names, 0.0))
-        if sparse:
-            stats["teacher_mass_covered"] = 0.0
+    if rows.n == 0:
+        job.stats = DivergencePass.empty_stats(job)
         return torch.zeros((), dtype=out_dtype, device=student.device), grad
 
-    denom = float(job.num_valid) if job.num_valid is not None else float(n)
-    chunk = div.chunk_rows(n, vocab, student.device, cdtype, sparse)
-    plan = div.plan(rows, job.teacher, job.labels, vocab, cdtype, denom, chunk)
-    stats.update(plan.stats)
-
+    chunked = DivergencePass(job, rows, vocab, student.device, cdtype)
     take_s = rows.source(student.detach())
-    take_y = rows.source(job.labels)
-    if sparse:
-        teacher = job.teacher
-        assert isinstance(teacher, SparseTeacher)
-        take_ids = rows.source(teacher.topk_ids)
-        take_lps = rows.source(teacher.topk_logprobs)
-        take_lab = rows.source(teacher.label_logprob)
-        take_tail = rows.source(teacher.tail_mass)
-        covered = 1.0 - take_tail(rows.whole()).to(torch.float64)
-        stats["teacher_mass_covered"] = float(covered.mean())
-    else:
-        assert isinstance(job.teacher, Tensor)
-        take_t = rows.source(job.teacher.detach())
-
-    total = torch.zeros((), dtype=torch.float64, device=student.device)
-    sums: dict[str, Tensor] = {}
-    for c in rows.chunks(chunk):
-        hard = plan.hard[c.lo : c.hi] if plan.hard is not None else None
-        if sparse:
-            loss_rows, g, st = sparse_fn(
-                div,
-                take_s(c),
-                take_ids(c),
-                take_lps(c),
-                take_lab(c),
-                take_tail(c),
-                take_y(c),
-                hard,
-                need_grad,
-            )
-        else:
-            loss_rows, g, st = dense_fn(div, take_s(c), take_t(c), take_y(c), hard, need_grad)
-        scale: float | Tensor
-        if isinstance(plan.weight, Tensor):
-            w = plan.weight[c.lo : c.hi]
-            total += rowdot(loss_rows.to(torch.float64), w.to(torch.float64))
-            scale = (w / div.temperature).unsqueeze(1)
-        else:
-            total += loss_rows.sum(dtype=torch.float64) * plan.weight
-            scale = plan.weight / div.temperature
+    for c in chunked.chunks():
+        g, scale = chunked.step(c, take_s(c), need_grad)
         if g is not None:
             assert grad is not None
             rows.put(grad, c, g, scale)
-        for key, val in st.items():
-            sums[key] = sums[key] + val.to(torch.float64) if key in sums else val.to(torch.float64)
-    if sums:
-        names = list(sums)
-        for key, val in zip(names, torch.stack([sums[k] for k in names]).div_(n).tolist(), strict=True):
-            stats[key] = float(val)
-    return total.to(out_dtype), grad
+    job.stats = chunked.finish()
+    return chunked.total.to(out_dtype), grad
 
 
 class _ChunkedLossFunction(torch.autograd.Function):
@@ -269,18 +310,13 @@ class _ChunkedLossFunction(torch.autograd.Function):
 def run(
     div: ChunkedDivergence,
     student_logits: Tensor,
-    teacher: Tensor | SparseTeacher,
+    teacher: Teacher,
     labels: Tensor,
     num_valid: int | float | Tensor | None = None,
 ) -> LossOutput:
     """`div.compute(...)`: check the inputs, run the chunks (through autograd when the student needs a gradient)."""
     check_inputs(div, student_logits, teacher, labels)
-    nv: float | None = None
-    if num_valid is not None:
-        nv = float(num_valid.item()) if isinstance(num_valid, Tensor) else float(num_valid)
-        if not nv > 0 or not math.isfinite(nv):
-            raise LossConfigError(f"num_valid must be a positive number, got {num_valid!r}")
-    job = _Job(div, teacher, labels, nv)
+    job = _Job(div, teacher, labels, check_num_valid(num_valid))
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if need_grad:
         loss = _ChunkedLossFunction.apply(student_logits, job)
@@ -290,12 +326,26 @@ def run(
     return LossOutput(loss, job.stats)
 
 
-def check_inputs(div: ChunkedDivergence, student: Tensor, teacher: Tensor | SparseTeacher, labels: Tensor) -> None:
-    if not isinstance(student, Tensor) or not student.is_floating_point() or student.dim() < 2:
+def check_num_valid(num_valid: int | float | Tensor | None) -> float | None:
+    if num_valid is None:
+        return None
+    nv = float(num_valid.item()) if isinstance(num_valid, Tensor) else float(num_valid)
+    if not nv > 0 or not math.isfinite(nv):
+        raise LossConfigError(f"num_valid must be a positive number, got {num_valid!r}")
+    return nv
+
+
+def check_inputs(div: ChunkedDivergence, student: Tensor | ProjectedLogits, teacher: Teacher, labels: Tensor) -> None:
+    """Shapes, dtypes, devices and the cache's temperature; `student` is the logits or, fused, their projection."""
+    if isinstance(student, ProjectedLogits):
+        if not student.hidden.is_floating_point():
+            raise LossConfigError("the student's hidden states must be a floating-point tensor")
+    elif not isinstance(student, Tensor) or not student.is_floating_point() or student.dim() < 2:
         raise LossConfigError("student_logits must be a floating-point tensor of shape [..., V]")
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
         raise LossConfigError("labels must be an integer tensor (−100 = ignored)")
-    lead = tuple(student.shape[:-1])
+    shape = tuple(student.shape)
+    lead = shape[:-1]
     if tuple(labels.shape) != lead:
         raise LossConfigError(f"labels shape {tuple(labels.shape)} != student_logits leading shape {lead}")
     if isinstance(teacher, SparseTeacher):
@@ -307,12 +357,10 @@ def check_inputs(div: ChunkedDivergence, student: Tensor, teacher: Tensor | Spar
                 f"SparseTeacher log-probs were taken at temperature {t:g} but '{div.name}' uses "
                 f"temperature {div.temperature:g}; the cache must be written at the loss temperature"
             )
-    elif isinstance(teacher, Tensor):
-        if tuple(teacher.shape) != tuple(student.shape):
-            raise LossConfigError(
-                f"teacher logits shape {tuple(teacher.shape)} != student_logits shape {tuple(student.shape)}"
-            )
-        if not teacher.is_floating_point():
+    elif isinstance(teacher, (Tensor, ProjectedLogits)):
+        if tuple(teacher.shape) != shape:
+            raise LossConfigError(f"teacher logits shape {tuple(teacher.shape)} != student_logits shape {shape}")
+        if isinstance(teacher, Tensor) and not teacher.is_floating_point():
             raise LossConfigError("teacher logits must be a floating-point tensor")
         if teacher.device != student.device:
             raise LossConfigError(f"teacher logits are on {teacher.device}, student logits on {student.device}")

@@ -35,7 +35,12 @@ from torch import Tensor
 from kdcli.errors import KdError
 
 from . import sizing
+from .projection import ProjectedLogits
 from .sparse import IGNORE_INDEX, SparseTeacher
+
+# What a divergence takes as the teacher: dense logits, logits still to be projected from hidden states (the fused
+# head), or a top-K cache.
+Teacher = Tensor | ProjectedLogits | SparseTeacher
 
 if TYPE_CHECKING:
     from .driver import ChunkFns
@@ -259,7 +264,7 @@ class ChunkedDivergence:
     def plan(
         self,
         rows: Rows,
-        teacher: Tensor | SparseTeacher,
+        teacher: Teacher,
         labels: Tensor,
         vocab: int,
         cdtype: torch.dtype,
@@ -282,7 +287,9 @@ class ChunkedDivergence:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def chunk_rows(self, n: int, vocab: int, device: torch.device, cdtype: torch.dtype, sparse: bool) -> int:
+    def chunk_rows(
+        self, n: int, vocab: int, device: torch.device, cdtype: torch.dtype, sparse: bool, *, fused: bool = False
+    ) -> int:
         """Rows per chunk: `chunk_size` if given, else as many as fit the device's working-set budget (`sizing`)."""
         return sizing.chunk_rows(
             n,
@@ -290,6 +297,7 @@ class ChunkedDivergence:
             self.name,
             device_type=device.type,
             sparse=sparse,
+            fused=fused,
             chunk_size=self.chunk_size,
             elem_bytes=torch.finfo(cdtype).bits // 8,
         )
@@ -304,7 +312,7 @@ class ChunkedDivergence:
     def compute(
         self,
         student_logits: Tensor,
-        teacher: Tensor | SparseTeacher,
+        teacher: Teacher,
         labels: Tensor,
         *,
         num_valid: int | float | Tensor | None = None,
@@ -317,7 +325,7 @@ class ChunkedDivergence:
     def __call__(
         self,
         student_logits: Tensor,
-        teacher: Tensor | SparseTeacher,
+        teacher: Teacher,
         labels: Tensor,
         *,
         num_valid: int | float | Tensor | None = None,
@@ -325,19 +333,29 @@ class ChunkedDivergence:
         return self.compute(student_logits, teacher, labels, num_valid=num_valid).loss
 
 
+def logit_rows(rows: Rows, logits: Tensor | ProjectedLogits) -> Callable[[Chunk], Tensor]:
+    """A function chunk → the chunk's rows of the logits (no gradient); projected logits are built per chunk."""
+    if isinstance(logits, ProjectedLogits):
+        take_h = rows.source(logits.hidden.detach())
+        head, kept = logits.head, logits.head.kept_weight()
+        return lambda c: head.logits(take_h(c), kept)
+    return rows.source(logits.detach())
+
+
 def teacher_label_logprobs(
     div: ChunkedDivergence,
     rows: Rows,
-    teacher: Tensor | SparseTeacher,
+    teacher: Teacher,
     labels: Tensor,
     vocab: int,
     cdtype: torch.dtype,
     chunk: int,
 ) -> Tensor:
-    """log p_g (teacher, tempered) of the label token for every valid row, [N]: one chunked pass for dense."""
+    """log p_g (teacher, tempered) of the label token for every valid row, [N]: one chunked pass for dense (and
+    projected) logits."""
     if isinstance(teacher, SparseTeacher):
         return rows.source(teacher.label_logprob)(rows.whole()).to(cdtype)
-    take_t = rows.source(teacher.detach())
+    take_t = logit_rows(rows, teacher)
     take_y = rows.source(labels)
     out = torch.empty(rows.n, dtype=cdtype, device=teacher.device)
     for c in rows.chunks(chunk):

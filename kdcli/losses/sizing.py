@@ -26,6 +26,9 @@ DENSE_WORK: Mapping[str, int] = MappingProxyType(
 )
 # The same against a cached teacher (buckets {top-K, label, tail}: the student's row and its gradient dominate).
 SPARSE_WORK = 4
+# What the fused head adds per chunk (`kdcli.losses.fused`): the student's projected logits, the teacher's (dense
+# only) and the cross-entropy's softmax-minus-one-hot.
+FUSED_EXTRA_WORK = 3
 
 
 def chunk_budget(device_type: str) -> int:
@@ -38,9 +41,10 @@ def dense_work(divergence: str) -> int:
     return DENSE_WORK.get(divergence, DEFAULT_DENSE_WORK)
 
 
-def work(divergence: str, sparse: bool) -> int:
-    """Live [rows, V] tensors of one chunk: SPARSE_WORK for a cached teacher, else `dense_work(divergence)`."""
-    return SPARSE_WORK if sparse else dense_work(divergence)
+def work(divergence: str, sparse: bool, fused: bool = False) -> int:
+    """Live [rows, V] tensors of one chunk: SPARSE_WORK for a cached teacher, else `dense_work(divergence)`, plus
+    FUSED_EXTRA_WORK on the fused head."""
+    return (SPARSE_WORK if sparse else dense_work(divergence)) + (FUSED_EXTRA_WORK if fused else 0)
 
 
 def chunk_rows(
@@ -52,6 +56,7 @@ def chunk_rows(
     sparse: bool,
     chunk_size: int | None,
     elem_bytes: int = 4,
+    fused: bool = False,
 ) -> int:
     """Rows per chunk for `rows` valid rows: `chunk_size` if given, else as many as fit the device's budget.
 
@@ -59,5 +64,5 @@ def chunk_rows(
     """
     if chunk_size is not None:
         return max(1, min(rows, chunk_size))
-    per_row = vocab * elem_bytes * work(divergence, sparse)
+    per_row = vocab * elem_bytes * work(divergence, sparse, fused)
     return max(1, min(rows, chunk_budget(device_type) // per_row))

@@ -17,7 +17,7 @@ from kdcli.models.builtin import (
     is_builtin,
     kd_home,
 )
-from kdcli.models.forward import logits_of
+from kdcli.models.forward import FUSED_HEAD_MODEL_TYPES, FusedHead, fused_head, logits_of, projected_logits_of
 from kdcli.models.generation import (
     Generation,
     GenerationPlan,
@@ -56,7 +56,9 @@ from kdcli.models.passes import generate_file, partial_file, read_generations
 
 __all__ = [
     "BUILTIN_MODELS",
+    "FUSED_HEAD_MODEL_TYPES",
     "ConfigReader",
+    "FusedHead",
     "Generation",
     "GenerationPlan",
     "GenerationSettings",
@@ -75,6 +77,7 @@ __all__ = [
     "encode_prompts",
     "ensure_pad_token",
     "eval_mode",
+    "fused_head",
     "generate",
     "generate_batch",
     "generate_file",
@@ -89,6 +92,7 @@ __all__ = [
     "merged_state_dict",
     "partial_file",
     "plan_generation",
+    "projected_logits_of",
     "read_generations",
     "resolve_model",
     "save_adapter",

@@ -113,6 +113,7 @@ def recipe_settings(recipe: Recipe, *, world_size: int, device: Device, memory: 
         teacher_zero3=bool(getattr(ds, "teacher_zero3", False)),
         cache_k=_cache_k(recipe),
         sampled_tokens=_sampled_tokens(recipe),
+        fused=getattr(recipe.loss, "fused", False),
     )
 
 

@@ -55,6 +55,7 @@ class ModelShape:
     params: int  # distinct parameters (tied embeddings once), exact for the supported architectures
     largest_layer: int  # parameters of the largest single module (ZeRO-3 gathers one at a time): the embedding
     trainable: int | None = None  # parameters that train when fewer than `params` (LoRA adapters); None: all
+    model_type: str = ""  # the config's `model_type`: whether the fused head applies (`FUSED_HEAD_MODEL_TYPES`)
 
     @property
     def kv_dim(self) -> int:
@@ -177,6 +178,7 @@ def model_shape(config: PretrainedConfig) -> ModelShape:
         tied=bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))),
         params=params,
         largest_layer=largest,
+        model_type=str(getattr(text, "model_type", "") or getattr(config, "model_type", "") or ""),
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kdcli.losses import sizing
+from kdcli.models import FUSED_HEAD_MODEL_TYPES
 from kdcli.plan.configs import ModelShape
 
 Device = Literal["cpu", "cuda"]
@@ -58,6 +59,7 @@ class Settings:
     cache_k: int | None = None  # top-K of a teacher cache; None = the teacher runs online
     activation_checkpointing: bool = False
     sampled_tokens: int = 0  # on-policy: tokens the student samples per prompt at most (0: no sampling)
+    fused: bool | str = "auto"  # `loss.fused`
 
     @property
     def tokens(self) -> int:
@@ -179,6 +181,11 @@ class Logits:
     naive: int  # divergence workspace of a naive dense implementation
     chunked: int  # divergence workspace of kd's chunked loss: one chunk
     chunk_rows: int
+    # The fused head (`loss.fused`): what the logits part holds instead of all the above, i.e. one chunk (student,
+    # teacher and CE logits with the divergence's work), ∂/∂h and the 16-bit copies of the output weights; plus the
+    # teacher's whole logits where only the student is fused. None: the plain path.
+    fused: int | None = None
+    fused_chunk_rows: int = 0
 
     @property
     def common(self) -> int:
@@ -190,7 +197,8 @@ class Logits:
 
     @property
     def total_chunked(self) -> int:
-        return self.common + self.chunked
+        """kd's logits part: the fused head's where it applies, else the whole tensors and one chunk."""
+        return self.fused if self.fused is not None else self.common + self.chunked
 
 
 def chunk_rows(rows: int, vocab: int, divergence: str, device: Device, sparse: bool, chunk_size: int | None) -> int:
@@ -199,13 +207,37 @@ def chunk_rows(rows: int, vocab: int, divergence: str, device: Device, sparse: b
     return sizing.chunk_rows(rows, vocab, divergence, device_type=device, sparse=sparse, chunk_size=chunk_size)
 
 
-def logits_memory(vocab: int, s: Settings) -> Logits:
+def fused_applies(s: Settings, shape: ModelShape, *, deepspeed: bool) -> bool:
+    """As the engine decides `loss.fused` (`kdcli.engine.objective.choose_heads`): not `false`, not under DeepSpeed,
+    and a model type whose output layer kd fuses."""
+    return s.fused is not False and not deepspeed and shape.model_type in FUSED_HEAD_MODEL_TYPES
+
+
+def logits_memory(
+    vocab: int, s: Settings, student: ModelShape | None = None, teacher: ModelShape | None = None
+) -> Logits:
+    """The logits part of a micro-batch; with `student` (and an online `teacher`) shapes it is the fused head's."""
     n = s.tokens
     elem = 2 if s.precision == "bf16" else 4
     sparse = s.cache_k is not None
     rows = chunk_rows(n, vocab, s.divergence, s.device, sparse, s.chunk_size)
     work = sizing.work(s.divergence, sparse)
     uses_kd = s.kd_ratio > 0
+    fused = fused_rows = None
+    if student is not None:
+        # Cross-entropy alone works like a cached teacher's chunk (`kdcli.losses.fused`).
+        sparse_work = sparse or not uses_kd
+        fused_rows = sizing.chunk_rows(
+            n, vocab, s.divergence, device_type=s.device, sparse=sparse_work, chunk_size=s.chunk_size, fused=True
+        )
+        teacher_fused = teacher is not None and not sparse and uses_kd
+        fused = (
+            fused_rows * vocab * 4 * sizing.work(s.divergence, sparse_work, fused=True)
+            + n * student.hidden * 4  # ∂/∂h, fp32 like the residual stream
+            # bf16 products need a 16-bit copy of the student's fp32 output weight (the teacher's is bf16 already)
+            + (student.hidden * vocab * 2 if s.precision == "bf16" else 0)
+            + (n * vocab * elem if uses_kd and not sparse and not teacher_fused else 0)
+        )
     return Logits(
         student=n * vocab * elem,
         grad=n * vocab * elem,
@@ -214,6 +246,8 @@ def logits_memory(vocab: int, s: Settings) -> Logits:
         naive=NAIVE_WORK.get(s.divergence, NAIVE_WORK_DEFAULT) * n * vocab * 4 if uses_kd else 0,
         chunked=rows * vocab * 4 * work if uses_kd else 0,
         chunk_rows=rows,
+        fused=fused,
+        fused_chunk_rows=fused_rows or 0,
     )
 
 
@@ -299,7 +333,9 @@ class Plan:
 def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
     """The plain engine (one process) and ZeRO stages 0-3 at the chosen world size."""
     vocab = min(teacher.vocab, student.vocab)
-    logits = logits_memory(vocab, s)
+    fused = fused_applies(s, student, deepspeed=False)
+    online_fused = fused_applies(s, teacher, deepspeed=False) and s.cache_k is None
+    logits = logits_memory(vocab, s, student if fused else None, teacher if online_fused else None)
     rows: list[Row] = []
     plain_mode = "autocast" if s.precision == "bf16" else "fp32"
     plain_elem = 2 if s.precision == "bf16" else 4  # sampling runs in the precision's autocast

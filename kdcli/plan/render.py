@@ -67,7 +67,17 @@ def parts_table(plan: Plan) -> Table:
     else:
         table.add_row("teacher weights", format_bytes(row.teacher.weights), f"inference, {s.precision}")
         table.add_row("teacher activations", format_bytes(row.teacher.activations), "no grad: one layer at a time")
-        table.add_row("teacher logits", format_bytes(logits.teacher), "[B·T, V]")
+        if logits.fused is None:
+            table.add_row("teacher logits", format_bytes(logits.teacher), "[B·T, V]")
+    if logits.fused is not None:
+        table.add_row(
+            "[bold]logits: fused head[/bold]",
+            f"[bold]{format_bytes(logits.fused)}[/bold]",
+            f"{logits.fused_chunk_rows:,} rows × V per chunk, no [B·T, V] tensor",
+        )
+        table.add_row("logits, plain path", format_bytes(logits.common + logits.chunked), "loss.fused: false")
+        table.add_row("loss workspace, naive", format_bytes(logits.naive), "full fp32 [B·T, V] softmaxes")
+        return table
     table.add_row("student logits + grad", format_bytes(logits.student + logits.grad), "[B·T, V] each")
     if logits.ce:
         table.add_row("cross-entropy", format_bytes(logits.ce), "fp32 copy + saved log-softmax")

@@ -170,6 +170,14 @@ class LossConfig(Section):
     scale_by_t2: bool = Field(
         True, description="Multiply the divergence by T^2 when `params.temperature` != 1 (Hinton)."
     )
+    fused: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Take CE and the divergence from the hidden states, projecting a chunk of rows at a time, so the "
+            "[tokens, vocab] logits never exist whole (docs/fused-head.md): `auto` wherever the models allow it, "
+            "`true` to require it, `false` for the plain path."
+        ),
+    )
 
     @model_validator(mode="after")
     def _divergence_and_params_exist(self) -> LossConfig:
