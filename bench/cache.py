@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.losses import write_docs  # noqa: E402
 from kdcli.cache import write_cache  # noqa: E402
 from kdcli.data import Collator, load_examples  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
@@ -190,7 +190,7 @@ def finish(result: dict[str, Any], args: argparse.Namespace) -> None:
     section = render(result, args)
     print(section)
     if not args.no_doc:
-        write_section(section)
+        write_docs(DOC, SECTION.removeprefix("## "), section.split("\n", 1)[1])
 
 
 def render(r: dict[str, Any], args: argparse.Namespace) -> str:
@@ -265,17 +265,6 @@ def render(r: dict[str, Any], args: argparse.Namespace) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    """Replace the `## Teacher cache` section (up to the next `## ` heading), or append it."""
-    text = DOC.read_text(encoding="utf-8")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.losses import write_docs  # noqa: E402
 from kdcli.data import Collator, micro_batches  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
 from kdcli.engine.on_policy import TransformersSampler, prompts_of  # noqa: E402
@@ -240,17 +240,6 @@ def render_eval(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str, heading: str = SECTION) -> None:
-    """Replace the section (up to the next `## ` heading), or append it."""
-    text = DOC.read_text(encoding="utf-8")
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="training steps per run (the first is a warm-up)")
@@ -272,7 +261,7 @@ def main() -> None:
         section = render_eval(runs, args)
         print(section)
         if not args.no_doc:
-            write_section(section, EVAL_SECTION)
+            write_docs(DOC, EVAL_SECTION.removeprefix("## "), section.split("\n", 1)[1])
             print(f"wrote section '{EVAL_SECTION}' of {DOC}")
         return
     started_load = os.getloadavg()[0]
@@ -286,7 +275,7 @@ def main() -> None:
     section = render(runs, versus, args)
     print(section)
     if not args.no_doc:
-        write_section(section)
+        write_docs(DOC, SECTION.removeprefix("## "), section.split("\n", 1)[1])
         print(f"wrote section '{SECTION}' of {DOC}")
 
 
