@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from kdcli.recipe.optional import CacheConfig, DeepSpeedConfig, GenerationConfig, OnPolicyConfig
 from kdcli.recipe.section import Section
@@ -275,15 +275,17 @@ class TrainConfig(Section):
         return step % self.log_every == 0 or step == total_steps
 
 
-NAME_PLACEHOLDERS = ("divergence", "seed")
+NAME_PLACEHOLDERS = ("divergence", "seed")  # short names; any other key is written as its path, `{loss.kd_ratio}`
+NAME_ALIASES = {"divergence": "loss.divergence"}  # a short placeholder and the recipe key it stands for
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 class Recipe(Section):
     name: str = Field(
         ...,
         description=(
-            "Run name: the run folder is `<output_dir>/<name>/`. May use `{divergence}` and `{seed}`, "
-            "e.g. `quickstart-{divergence}`."
+            "Run name: the run folder is `<output_dir>/<name>/`. May use `{divergence}`, `{seed}` and any other "
+            "key by its path, e.g. `quickstart-{divergence}-{loss.kd_ratio}` (what `kd distill --grid` needs)."
         ),
     )
     # At most 2^32 - 1: the batch order seeds torch with seed x 1_000_003 + epoch, which must fit in 64 bits.
@@ -327,9 +329,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _resolve_name(self) -> Recipe:
-        name = self.name
-        for key in NAME_PLACEHOLDERS:
-            name = name.replace("{" + key + "}", str(self.loss.divergence if key == "divergence" else self.seed))
+        name = PLACEHOLDER.sub(lambda m: str(self._key_value(m.group(1))), self.name)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise ValueError(
                 f"name {self.name!r} must resolve to letters, digits, '.', '_' and '-' "
@@ -338,3 +338,18 @@ class Recipe(Section):
         if name != self.name:
             object.__setattr__(self, "name", name)
         return self
+
+    def _key_value(self, key: str) -> Any:
+        """The value of a name placeholder: a recipe key by its dotted path (or a short alias)."""
+        node: Any = self
+        for part in NAME_ALIASES.get(key, key).split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, BaseModel) and part in type(node).model_fields:
+                node = getattr(node, part)
+            else:
+                raise ValueError(
+                    f"name {self.name!r}: {{{key}}} is not a recipe key (use {{divergence}}, {{seed}} or a key's "
+                    "path such as {loss.kd_ratio})"
+                )
+        return node
