@@ -27,6 +27,7 @@ LAYERS = {
     "engine": 7,
     "compare": 7,
     "plan": 8,
+    "grid": 8,
     "ui": 9,
     "cli": 10,
     "__main__": 11,

@@ -31,8 +31,14 @@ ReportToOpt = Annotated[
 
 @app.command("eval")
 def eval_(
-    target: Annotated[
-        str, typer.Argument(help="A run folder, a model id or folder, or teacher:RECIPE.", show_default=False)
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="TARGET...",
+            help="Run folders (or a quoted glob such as 'runs/grid-*'), a model id or folder, or teacher:RECIPE. "
+            "Several are evaluated one after another, each skipping the passes it already has.",
+            show_default=False,
+        ),
     ],
     data: Annotated[
         list[str] | None,
@@ -97,12 +103,11 @@ def eval_(
     and optionally judge the answers against the references with an LLM."""
     from transformers.utils import logging as hf_logging
 
-    from kdcli.evaluation import EvalOptions, JudgeSettings, run_eval
+    from kdcli.evaluation import EvalOptions, JudgeSettings, expand_targets, resolve_target, run_eval
     from kdcli.evaluation.render import RichEvalObserver
     from kdcli.ui import console
 
     hf_logging.disable_progress_bar()
-    observer = RichEvalObserver(console)
     with user_errors():
         try:
             seed_list = [int(s) for s in seeds.replace(" ", "").split(",") if s]
@@ -110,7 +115,16 @@ def eval_(
             raise KdError(f"--seeds: '{seeds}' is not a comma-separated list of integers, e.g. 10,20,30.") from None
         if precision not in ("auto", "bf16", "fp32"):
             raise KdError(f"--precision: '{precision}' is not one of auto, bf16, fp32.")
-        run_dir, loggers, step = _eval_loggers(target, out, report_to or [])  # before anything is generated
+        expanded = expand_targets(targets)
+        if len(expanded) > 1 and out is not None:
+            raise KdError(f"--out names one eval folder, and {len(expanded)} targets were given; drop --out.")
+        for target in expanded:  # every target is checked before the first generates
+            resolve_target(target, out=out, template=template)
+        checked = [(target, *_eval_loggers(target, out, report_to or [])) for target in expanded]
+    failed: list[str] = []
+    for target, run_dir, loggers, step in checked:
+        if len(checked) > 1:
+            console.rule(f"kd eval {target}")
         options = EvalOptions(
             target=target,
             data=data or [],
@@ -134,15 +148,25 @@ def eval_(
             ),
             judge_dry_run=judge_dry_run,
         )
+        observer = RichEvalObserver(console)
         try:
-            summary = run_eval(options, observer)
-        finally:
-            observer.close()
-        if loggers:
-            from kdcli.loggers import log_once, results_scalars
+            with user_errors():  # one line for this target's error; with several targets the next one goes on
+                try:
+                    summary = run_eval(options, observer)
+                finally:
+                    observer.close()
+                if loggers:
+                    from kdcli.loggers import log_once, results_scalars
 
-            log_once(loggers, run_dir, step, results_scalars(summary))
-            console.print(f"[dim]logged to {', '.join(report_to or [])} in {run_dir}, step {step}[/dim]")
+                    log_once(loggers, run_dir, step, results_scalars(summary))
+                    console.print(f"[dim]logged to {', '.join(report_to or [])} in {run_dir}, step {step}[/dim]")
+        except typer.Exit:
+            if len(checked) == 1:
+                raise
+            failed.append(target)
+    if failed:
+        console.print(f"[red]kd eval failed for {len(failed)} of {len(checked)} targets: {', '.join(failed)}[/red]")
+        raise typer.Exit(1)
 
 
 @app.command()

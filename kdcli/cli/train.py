@@ -32,6 +32,21 @@ def distill(
         Path | None,
         typer.Option("--resume", help="Continue the run in this folder from its newest complete checkpoint."),
     ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help=(
+                "KEY=V1,V2,...: run the recipe once per value (values read as YAML, like --set); repeat it for the "
+                "Cartesian product. The recipe's name must name every gridded key, e.g. `q-{divergence}-{seed}`. "
+                "Finished runs are skipped, killed ones resumed, failed ones reported; then the kd compare table."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --grid: list the runs and their state, and run nothing.")
+    ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", "--local-rank", hidden=True)] = None,
 ) -> None:
     """Train the recipe's student against its teacher and write the run folder."""
@@ -41,6 +56,15 @@ def distill(
     from kdcli.engine import distill as run_distill
     from kdcli.engine.trainer import RunInterrupted
     from kdcli.ui import RichObserver, err_console
+
+    if grid or dry_run:
+        with user_errors():
+            if not grid:
+                raise KdError("--dry-run lists the runs of a --grid; add --grid KEY=V1,V2.")
+            if resume is not None or recipe is None:
+                raise KdError("--grid runs a recipe file: give RECIPE and drop --resume (the grid resumes its runs).")
+            _distill_grid(recipe, set_ or [], grid, nproc, overwrite, dry_run)
+        return
 
     with user_errors():
         resolved = _distill_recipe(recipe, set_, resume)
@@ -70,6 +94,52 @@ def distill(
             raise typer.Exit(130) from None
         finally:
             observer.close()
+
+
+def _distill_grid(
+    recipe: Path, sets: list[str], grid: list[str], nproc: int | None, overwrite: bool, dry_run: bool
+) -> None:
+    """`kd distill --grid`: plan every run (all checked before the first starts), run them, render the outcome."""
+    import subprocess
+    import sys
+
+    from rich.table import Table
+
+    from kdcli.grid import parse_axes, plan_grid, run_grid
+    from kdcli.ui import console
+
+    points = plan_grid(recipe, sets, parse_axes(grid))
+    where = points[0].folder.path.parent if points else Path()
+    table = Table(title=f"kd distill --grid: {len(points)} runs in {where}", header_style="bold")
+    for column in ("run", "overrides", "state"):
+        table.add_column(column, overflow="fold")
+    for point in points:
+        table.add_row(point.recipe.name, " ".join(point.overrides), point.state)
+    console.print(table)
+    if dry_run:
+        return
+
+    def announce(index: int, point: Any) -> None:
+        console.rule(f"run {index + 1}/{len(points)}: {point.recipe.name} ({point.state})")
+
+    def run(args: list[str]) -> int:
+        return subprocess.call([sys.executable, "-m", "kdcli", *args])
+
+    done = run_grid(recipe, sets, points, run, nproc=nproc, overwrite=overwrite, on_start=announce)
+    summary = Table(title="grid outcome", header_style="bold")
+    for column in ("run", "outcome"):
+        summary.add_column(column)
+    for point in done:
+        summary.add_row(point.recipe.name, point.outcome or "not run (the grid stopped)")
+    console.print(summary)
+    finished = [p.folder.path for p in done if p.outcome in ("finished", "finished before")]
+    if finished:
+        from kdcli.compare.cli import run_compare
+
+        run_compare(finished, console)
+    failed = [p for p in done if p.outcome is None or not p.outcome.startswith("finished")]
+    if failed:
+        raise typer.Exit(130 if any(p.outcome == "interrupted" for p in failed) else 1)
 
 
 def _distill_recipe(recipe: Path | None, set_: list[str] | None, resume: Path | None) -> Recipe:

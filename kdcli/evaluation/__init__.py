@@ -17,7 +17,7 @@ from kdcli.evaluation.metrics import aggregate, distinct_n, exact_match, rouge_l
 from kdcli.evaluation.observer import EvalObserver, SilentEvalObserver
 from kdcli.evaluation.runner import DEFAULT_SEEDS, JUDGES, EvalOptions, run_eval
 from kdcli.evaluation.sets import EvalItem, EvalSet, load_eval_set, set_name
-from kdcli.evaluation.targets import Target, resolve_target
+from kdcli.evaluation.targets import Target, expand_targets, resolve_target
 from kdcli.models import GenerationSettings  # the settings of an eval pass are generation's own
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "aggregate",
     "distinct_n",
     "exact_match",
+    "expand_targets",
     "generate_pass",
     "load_eval_set",
     "parse_verdict",

@@ -37,6 +37,28 @@ class Target:
         return {"kind": self.kind, "name": self.name, "model": self.model}
 
 
+def expand_targets(specs: list[str]) -> list[str]:
+    """`kd eval`'s TARGETs with glob patterns (`runs/grid-*`) expanded to the run folders they match, in order and
+    without repeats; a pattern that matches no run folder is a one-line error."""
+    import glob
+
+    from kdcli.errors import KdError
+
+    out: list[str] = []
+    for spec in specs:
+        if any(char in spec for char in "*?["):
+            matches = sorted(m for m in glob.glob(spec) if _run_dir_of(Path(m)) == Path(m))
+            if not matches:
+                raise KdError(
+                    f"TARGET {spec}: the pattern matches no finished run folder (recipe.yaml and student/). "
+                    "Check the pattern, and quote it so the shell leaves it to kd."
+                )
+            out += matches
+        else:
+            out.append(spec)
+    return list(dict.fromkeys(out))
+
+
 def resolve_target(spec: str, *, out: Path | None = None, template: str | None = None) -> Target:
     """Turn the TARGET argument into a `Target`. `out` replaces the eval folder; `template` the prompt template."""
     spec = spec.strip()
