@@ -139,10 +139,9 @@ def state_of(folder: RunFolder, recipe: Recipe) -> str:
     """What re-running this point does: skip it, resume it, start it over, start it, or leave it alone."""
     if not folder.path.is_dir() or not any(folder.path.iterdir()):
         return "conflict" if folder.path.exists() and not folder.path.is_dir() else "new"
-    if not folder.looks_like_a_run():
-        return "conflict"
-    if folder.recipe_file.is_file() and folder.recipe_file.read_text(encoding="utf-8") != recipe_yaml(recipe):
-        return "conflict"
+    ours = folder.recipe_file.is_file() and folder.recipe_file.read_text(encoding="utf-8") == recipe_yaml(recipe)
+    if not ours:
+        return "conflict"  # another recipe's run, a run without its recipe, or files kd did not write
     if folder.record_file.is_file():
         return "finished"
     with warnings.catch_warnings():

@@ -193,3 +193,17 @@ def test_name_placeholders_take_any_key_path() -> None:
     assert load_recipe(quickstart, [*sets, "loss.divergence=akl"]).name == "q-akl-0.5-0.0-0.3-s0"
     with pytest.raises(KdError, match=r"\{loss\.kdratio\} is not a recipe key"):
         load_recipe(quickstart, ["name=q-{loss.kdratio}"])
+
+
+def test_a_run_killed_before_its_first_metrics_restarts(tmp_path: Path, tiny_teacher: Path) -> None:
+    """A folder holding only the point's own recipe.yaml (killed right after it was created) is ours: restart."""
+    from kdcli.runs import recipe_yaml
+
+    recipe = grid_recipe(tmp_path, tiny_teacher)
+    point = plan_grid(recipe, [], parse_axes(["seed=0"]))[0]
+    point.folder.path.mkdir(parents=True)
+    point.folder.recipe_file.write_text(recipe_yaml(point.recipe))
+    again = plan_grid(recipe, [], parse_axes(["seed=0"]))[0]
+    assert again.state == "restart"
+    point.folder.recipe_file.write_text(recipe_yaml(point.recipe).replace("max_steps: 2", "max_steps: 3"))
+    assert plan_grid(recipe, [], parse_axes(["seed=0"]))[0].state == "conflict"  # another recipe's run
