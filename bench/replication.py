@@ -9,7 +9,7 @@
 
 Every stage is a kd command, so the study is what a user would run and each stage resumes by itself:
 
-1. train: `kd distill RECIPE --grid loss.divergence=ARMS --grid seed=SEEDS` on the Alpaca training set
+1. train: `kd distill RECIPE --grid seed=SEEDS --grid loss.divergence=ARMS` on the Alpaca training set
    (`alpaca-5k/train.jsonl` under --data-dir, its first --train-examples), the teacher online for every arm (exact
    for all divergences, including the tail-sensitive rkl and akl that a top-K cache would bias). Finished runs
    are skipped, killed ones resumed.
@@ -80,7 +80,8 @@ def write_study_recipe(args: argparse.Namespace) -> Path:
 
 
 def train(args: argparse.Namespace, recipe: Path) -> int:
-    grid = ["--grid", f"loss.divergence={args.arms}", "--grid", f"seed={args.seeds}"]
+    # Seeds vary slowest: a study stopped part-way has every arm at its first seeds, not every seed of one arm.
+    grid = ["--grid", f"seed={args.seeds}", "--grid", f"loss.divergence={args.arms}"]
     return kd("distill", str(recipe), *grid)
 
 
