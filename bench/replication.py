@@ -140,14 +140,17 @@ def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) ->
         text=True,
         check=True,
     ).stdout
+    # One level down, so that the table's headings stay inside this section of the doc.
+    table = "\n".join("#" + line if line.startswith("#") else line for line in table.splitlines())
     lines = [
         RESULTS,
         "",
         f"`{' '.join(['python bench/replication.py', *sys.argv[1:]])}`: arms {args.arms}, seeds {args.seeds}, "
         f"{args.steps} steps on the first {args.train_examples} Alpaca examples; eval seeds {args.eval_seeds}, "
         f"`max_new_tokens` {args.max_new_tokens}, {args.eval_examples or 'all'} examples a set. "
-        f"Recipe: `{recipe}`. Time this invocation: "
-        + ", ".join(f"{stage} {value / 3600:.2f} h" for stage, value in seconds.items())
+        f"Recipe: `{_shown(recipe)}`. Wall time, all invocations together, on "
+        f"{os.cpu_count()} CPU cores: "
+        + (", ".join(f"{stage} {value / 3600:.2f} h" for stage, value in seconds.items()) or "not recorded")
         + ".",
         "",
         table.strip(),
@@ -156,9 +159,14 @@ def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) ->
         "",
         reference_table(args),
         "",
-        f"Plot: `{plot}`.",
+        f"Plot: `{_shown(plot)}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _shown(path: Path) -> str:
+    """A path as the doc shows it: relative to the repository where it is inside it."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def reference_table(args: argparse.Namespace) -> str:
@@ -206,13 +214,15 @@ def main() -> None:
     if missing:
         raise SystemExit(f"--data-dir {args.data_dir}: missing {', '.join(missing)} (see ../shared/data/README.md)")
     recipe = write_study_recipe(args)
-    seconds: dict[str, float] = {}
+    timings = args.out / "timings.json"  # wall seconds per stage, summed over every invocation (the budget)
+    seconds: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
     code = 0
     for stage, work in (("train", train), ("eval", evaluate)):
         if args.stage in ("all", stage):
             started = time.perf_counter()
             code = work(args, recipe) or code
-            seconds[stage] = time.perf_counter() - started
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+            timings.write_text(json.dumps(seconds, indent=1) + "\n", encoding="utf-8")
     if args.stage in ("all", "report"):
         section = report(args, recipe, seconds)
         print(section)
