@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.losses import write_docs  # noqa: E402
+from bench.losses import write_section  # noqa: E402
 from kdcli.cache import write_cache  # noqa: E402
 from kdcli.data import Collator, load_examples  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
@@ -190,7 +190,7 @@ def finish(result: dict[str, Any], args: argparse.Namespace) -> None:
     section = render(result, args)
     print(section)
     if not args.no_doc:
-        write_docs(DOC, SECTION.removeprefix("## "), section.split("\n", 1)[1])
+        write_section(DOC, section)
 
 
 def render(r: dict[str, Any], args: argparse.Namespace) -> str:

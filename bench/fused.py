@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.losses import write_docs  # noqa: E402
+from bench.losses import write_section  # noqa: E402
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -246,7 +246,7 @@ def main() -> None:
     section = render(summary, planned(args), args)
     print(section)
     if not args.no_doc:
-        write_docs(DOC, SECTION.removeprefix("## "), section.split("\n", 1)[1])
+        write_section(DOC, section)
         print(f"wrote section '{SECTION}' of {DOC}")
 
 

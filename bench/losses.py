@@ -374,6 +374,12 @@ def write_docs(path: Path, section: str, body: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def write_section(path: Path, section: str) -> None:
+    """`write_docs` for a section rendered whole, its `## Title` line first."""
+    heading, _, body = section.partition("\n")
+    write_docs(path, heading.removeprefix("## "), body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

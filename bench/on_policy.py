@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.losses import write_docs  # noqa: E402
+from bench.losses import write_section  # noqa: E402
 from kdcli.data import Collator, micro_batches  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
 from kdcli.engine.on_policy import TransformersSampler, prompts_of  # noqa: E402
@@ -261,7 +261,7 @@ def main() -> None:
         section = render_eval(runs, args)
         print(section)
         if not args.no_doc:
-            write_docs(DOC, EVAL_SECTION.removeprefix("## "), section.split("\n", 1)[1])
+            write_section(DOC, section)
             print(f"wrote section '{EVAL_SECTION}' of {DOC}")
         return
     started_load = os.getloadavg()[0]
@@ -275,7 +275,7 @@ def main() -> None:
     section = render(runs, versus, args)
     print(section)
     if not args.no_doc:
-        write_docs(DOC, SECTION.removeprefix("## "), section.split("\n", 1)[1])
+        write_section(DOC, section)
         print(f"wrote section '{SECTION}' of {DOC}")
 
 

@@ -228,9 +228,9 @@ def main() -> None:
         print(section)
         if not args.no_doc:
             sys.path.insert(0, str(REPO))
-            from bench.losses import write_docs
+            from bench.losses import write_section
 
-            write_docs(DOC, RESULTS.removeprefix("## "), section.split("\n", 1)[1])
+            write_section(DOC, section)
             print(f"wrote the results of {DOC}")
     raise SystemExit(code)
 

@@ -661,9 +661,9 @@ def main() -> None:
     section = render(results)
     print(section)
     if not args.no_doc:
-        from losses import write_docs  # torch only here (this folder is on sys.path): the parent stays light
+        from losses import write_section  # torch only here (this folder is on sys.path): the parent stays light
 
-        write_docs(DOC, SECTION.removeprefix("## "), section.split("\n", 1)[1])
+        write_section(DOC, section)
         print(f"wrote section '{SECTION}' of {DOC}")
 
 
