@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +17,9 @@ from kdcli.cli.app import (
     user_errors,
 )
 from kdcli.errors import KdError
+
+if TYPE_CHECKING:
+    from kdcli.evaluation import Target
 
 ReportToOpt = Annotated[
     list[str] | None,
@@ -118,9 +121,11 @@ def eval_(
         expanded = expand_targets(targets)
         if len(expanded) > 1 and out is not None:
             raise KdError(f"--out names one eval folder, and {len(expanded)} targets were given; drop --out.")
-        for target in expanded:  # every target is checked before the first generates
-            resolve_target(target, out=out, template=template)
-        checked = [(target, *_eval_loggers(target, out, report_to or [])) for target in expanded]
+        # Every target is checked (and its loggers made) before the first generates.
+        checked = [
+            (target, *_eval_loggers(target, resolve_target(target, out=out, template=template), report_to or []))
+            for target in expanded
+        ]
     failed: list[str] = []
     for target, run_dir, loggers, step in checked:
         if len(checked) > 1:
@@ -234,15 +239,13 @@ def compare(
             log_once(loggers, base, step, {}, {"compare": to_markdown(comparison)})
 
 
-def _eval_loggers(target: str, out: Path | None, report_to: list[str]) -> tuple[Path, list[Any], int]:
-    """`kd eval --report-to`: the run folder TARGET names, its loggers (the extras checked) and its last step."""
+def _eval_loggers(target: str, resolved: Target, report_to: list[str]) -> tuple[Path, list[Any], int]:
+    """`kd eval --report-to`: the run folder TARGET (`resolved`: its `Target`) names, its loggers (the extras
+    checked) and its last step."""
     from kdcli.loggers import check_names
 
     if not check_names(report_to, "--report-to"):
         return Path(), [], 0
-    from kdcli.evaluation import resolve_target
-
-    resolved = resolve_target(target, out=out)
     if resolved.kind != "run":
         raise KdError(f"--report-to: logs go to a run folder's loggers, and TARGET '{target}' is a {resolved.kind}.")
     run_dir = Path(resolved.model).parent  # the run's student/

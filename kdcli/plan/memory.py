@@ -207,10 +207,10 @@ def chunk_rows(rows: int, vocab: int, divergence: str, device: Device, sparse: b
     return sizing.chunk_rows(rows, vocab, divergence, device_type=device, sparse=sparse, chunk_size=chunk_size)
 
 
-def fused_applies(s: Settings, shape: ModelShape, *, deepspeed: bool) -> bool:
-    """As the engine decides `loss.fused` (`kdcli.engine.objective.choose_heads`): not `false`, not under DeepSpeed,
-    and a model type whose output layer kd fuses."""
-    return s.fused is not False and not deepspeed and shape.model_type in FUSED_HEAD_MODEL_TYPES
+def fused_applies(s: Settings, shape: ModelShape) -> bool:
+    """As the engine decides `loss.fused` for its plain engine (`kdcli.engine.objective.choose_heads`): not `false`,
+    and a model type whose output layer kd fuses. The ZeRO rows never ask: under DeepSpeed it is the plain path."""
+    return s.fused is not False and shape.model_type in FUSED_HEAD_MODEL_TYPES
 
 
 def logits_memory(
@@ -333,8 +333,8 @@ class Plan:
 def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
     """The plain engine (one process) and ZeRO stages 0-3 at the chosen world size."""
     vocab = min(teacher.vocab, student.vocab)
-    fused = fused_applies(s, student, deepspeed=False)
-    online_fused = fused_applies(s, teacher, deepspeed=False) and s.cache_k is None
+    fused = fused_applies(s, student)
+    online_fused = fused_applies(s, teacher) and s.cache_k is None
     logits = logits_memory(vocab, s, student if fused else None, teacher if online_fused else None)
     rows: list[Row] = []
     plain_mode = "autocast" if s.precision == "bf16" else "fp32"
