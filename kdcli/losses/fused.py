@@ -46,7 +46,7 @@ class _FusedJob:
     head: OutputLayer  # the student's
     teacher: Teacher
     labels: Tensor
-    count: float  # the denominator of CE and D: the window's valid positions
+    num_valid: float | None  # the denominator of CE and D (the window's valid positions); None: this call's
     ce_weight: float
     kd_weight: float
     ce: Tensor | None = None
@@ -71,8 +71,7 @@ def fused_objective(
         raise LossConfigError(f"the fused head takes ProjectedLogits, got {type(student).__name__}")
     check_inputs(div, student, teacher, labels)
     nv = check_num_valid(num_valid)
-    count = nv if nv is not None else float((labels != -100).sum())
-    job = _FusedJob(div, student.head, teacher, labels, count, float(ce_weight), float(kd_weight))
+    job = _FusedJob(div, student.head, teacher, labels, nv, float(ce_weight), float(kd_weight))
     weight = student.head.weight
     need_grad = torch.is_grad_enabled() and (student.hidden.requires_grad or weight.requires_grad)
     if need_grad:
@@ -100,7 +99,8 @@ def _run_fused(
             grad_w = torch.zeros(head.weight.shape, dtype=_grad_dtype(head.weight), device=device)
     ce_total = torch.zeros((), dtype=torch.float64, device=device)
     with_kd, with_ce = job.kd_weight > 0.0, job.ce_weight > 0.0
-    div_job = _Job(job.div, job.teacher, job.labels, job.count if job.count > 0 else None)
+    count = job.num_valid if job.num_valid is not None else float(rows.n)
+    div_job = _Job(job.div, job.teacher, job.labels, job.num_valid)
     chunked: DivergencePass | None = None
     if rows.n == 0:
         job.stats = DivergencePass.empty_stats(div_job) if with_kd else {}
@@ -114,7 +114,7 @@ def _run_fused(
         take_y = rows.source(job.labels)
         kept = head.kept_weight()
         weight_sum = WeightGradient(head, grad_w, rows.n) if grad_w is not None else None
-        ce_scale = job.ce_weight / job.count
+        ce_scale = job.ce_weight / count
         # The products run in the head's dtype exactly as written here, whatever autocast state the caller is in.
         with torch.autocast(device.type, enabled=False):
             for c in chunks:
@@ -142,7 +142,7 @@ def _run_fused(
         if chunked is not None:
             job.stats = chunked.finish()
     kd = chunked.total.to(out_dtype) if chunked is not None else torch.zeros((), dtype=out_dtype, device=device)
-    ce = (ce_total / job.count).to(out_dtype) if rows.n else torch.zeros((), dtype=out_dtype, device=device)
+    ce = (ce_total / count).to(out_dtype) if rows.n else torch.zeros((), dtype=out_dtype, device=device)
     job.ce, job.kd = ce, kd
     total = job.ce_weight * ce + job.kd_weight * kd
     return total, grad_h, grad_w
