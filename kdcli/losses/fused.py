@@ -108,8 +108,8 @@ def _run_fused(
         if with_kd:
             chunked = DivergencePass(div_job, rows, width, device, cdtype, fused=True)
             chunks = chunked.chunks()
-        else:  # cross-entropy alone: its working set is that of a cached teacher's chunk
-            chunks = rows.chunks(job.div.chunk_rows(rows.n, width, device, cdtype, sparse=True, fused=True))
+        else:
+            chunks = rows.chunks(job.div.chunk_rows(rows.n, width, device, cdtype, sparse=False, fused=True, kd=False))
         take_h = rows.source(hidden.detach())
         take_y = rows.source(job.labels)
         kept = head.kept_weight()

@@ -288,7 +288,15 @@ class ChunkedDivergence:
         return f"{type(self).__name__}({args})"
 
     def chunk_rows(
-        self, n: int, vocab: int, device: torch.device, cdtype: torch.dtype, sparse: bool, *, fused: bool = False
+        self,
+        n: int,
+        vocab: int,
+        device: torch.device,
+        cdtype: torch.dtype,
+        sparse: bool,
+        *,
+        fused: bool = False,
+        kd: bool = True,
     ) -> int:
         """Rows per chunk: `chunk_size` if given, else as many as fit the device's working-set budget (`sizing`)."""
         return sizing.chunk_rows(
@@ -298,6 +306,7 @@ class ChunkedDivergence:
             device_type=device.type,
             sparse=sparse,
             fused=fused,
+            kd=kd,
             chunk_size=self.chunk_size,
             elem_bytes=torch.finfo(cdtype).bits // 8,
         )

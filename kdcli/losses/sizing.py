@@ -41,10 +41,12 @@ def dense_work(divergence: str) -> int:
     return DENSE_WORK.get(divergence, DEFAULT_DENSE_WORK)
 
 
-def work(divergence: str, sparse: bool, fused: bool = False) -> int:
+def work(divergence: str, sparse: bool, fused: bool = False, kd: bool = True) -> int:
     """Live [rows, V] tensors of one chunk: SPARSE_WORK for a cached teacher, else `dense_work(divergence)`, plus
-    FUSED_EXTRA_WORK on the fused head."""
-    return (SPARSE_WORK if sparse else dense_work(divergence)) + (FUSED_EXTRA_WORK if fused else 0)
+    FUSED_EXTRA_WORK on the fused head. `kd=False` is the fused head's cross-entropy alone (`loss.kd_ratio` 0): no
+    teacher row, so its working set is that of a cached teacher's chunk whatever the teacher."""
+    base = SPARSE_WORK if sparse or not kd else dense_work(divergence)
+    return base + (FUSED_EXTRA_WORK if fused else 0)
 
 
 def chunk_rows(
@@ -57,12 +59,14 @@ def chunk_rows(
     chunk_size: int | None,
     elem_bytes: int = 4,
     fused: bool = False,
+    kd: bool = True,
 ) -> int:
     """Rows per chunk for `rows` valid rows: `chunk_size` if given, else as many as fit the device's budget.
 
-    `elem_bytes` is the compute dtype's size: 4 for float32 (fp32, bf16 and fp16 inputs), 8 for float64.
+    `elem_bytes` is the compute dtype's size: 4 for float32 (fp32, bf16 and fp16 inputs), 8 for float64; `fused`
+    and `kd` as in `work`.
     """
     if chunk_size is not None:
         return max(1, min(rows, chunk_size))
-    per_row = vocab * elem_bytes * work(divergence, sparse, fused)
+    per_row = vocab * elem_bytes * work(divergence, sparse, fused, kd)
     return max(1, min(rows, chunk_budget(device_type) // per_row))

@@ -225,14 +225,12 @@ def logits_memory(
     uses_kd = s.kd_ratio > 0
     fused = fused_rows = None
     if student is not None:
-        # Cross-entropy alone works like a cached teacher's chunk (`kdcli.losses.fused`).
-        sparse_work = sparse or not uses_kd
         fused_rows = sizing.chunk_rows(
-            n, vocab, s.divergence, device_type=s.device, sparse=sparse_work, chunk_size=s.chunk_size, fused=True
+            n, vocab, s.divergence, device_type=s.device, sparse=sparse, chunk_size=s.chunk_size, fused=True, kd=uses_kd
         )
         teacher_fused = teacher is not None and not sparse and uses_kd
         fused = (
-            fused_rows * vocab * 4 * sizing.work(s.divergence, sparse_work, fused=True)
+            fused_rows * vocab * 4 * sizing.work(s.divergence, sparse, fused=True, kd=uses_kd)
             + n * student.hidden * 4  # ∂/∂h, fp32 like the residual stream
             # bf16 products need a 16-bit copy of the student's fp32 output weight (the teacher's is bf16 already)
             + (student.hidden * vocab * 2 if s.precision == "bf16" else 0)
