@@ -25,7 +25,8 @@ from kdcli.cli import app
 from kdcli.compare import compare_runs, load_runs, print_table, setup_diff, sparkline, t_quantile, to_markdown
 from kdcli.compare.head_to_head import head_to_head, judge_client
 from kdcli.compare.plot import write_plot
-from kdcli.compare.stats import DistinctStat, MeanStat, RatioStat, mean_ci, observed, paired_bootstrap, prompt_bootstrap
+from kdcli.compare.stats import DistinctStat, MeanStat, RatioStat, observed, paired_bootstrap, prompt_bootstrap
+from kdcli.compare.student_t import mean_ci
 from kdcli.errors import KdError
 from kdcli.evaluation.judge import JudgeSettings
 from kdcli.evaluation.metrics import distinct_n, words

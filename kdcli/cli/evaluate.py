@@ -207,6 +207,16 @@ def compare(
     judge_concurrency: JudgeConcurrencyOpt = 4,
     judge_retries: JudgeRetriesOpt = 5,
     judge_timeout: JudgeTimeoutOpt = 120.0,
+    pool_seeds: Annotated[
+        bool,
+        typer.Option(
+            "--pool-seeds",
+            help=(
+                "Runs whose recipes differ only in `seed` become one arm (one column): the mean over its runs, the "
+                "spread over training seeds, and intervals and p-values that include it (docs/compare.md)."
+            ),
+        ),
+    ] = False,
     report_to: ReportToOpt = None,
 ) -> None:
     """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% intervals over prompts
@@ -231,6 +241,7 @@ def compare(
             judge_concurrency=judge_concurrency,
             judge_retries=judge_retries,
             judge_timeout=judge_timeout,
+            pool_seeds=pool_seeds,
         )
         if loggers and base is not None:
             from kdcli.compare.render import to_markdown

@@ -18,7 +18,8 @@ from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
 from kdcli.compare.render import FORMATS, print_table, render_text, rich_view, sparkline, to_csv, to_json, to_markdown
 from kdcli.compare.runs import RunData, load_run, load_runs
 from kdcli.compare.setup_diff import SetupRow, flatten, setup_diff
-from kdcli.compare.stats import MeanCI, PromptBootstrap, mean_ci, paired_bootstrap, prompt_bootstrap, t_quantile
+from kdcli.compare.stats import PromptBootstrap, arm_bootstrap, paired_bootstrap, prompt_bootstrap
+from kdcli.compare.student_t import MeanCI, mean_ci, t_quantile
 
 __all__ = [
     "FORMATS",
@@ -32,6 +33,7 @@ __all__ = [
     "SetComparison",
     "SetupRow",
     "ValueRow",
+    "arm_bootstrap",
     "compare_runs",
     "flatten",
     "load_run",

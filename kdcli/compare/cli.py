@@ -30,6 +30,7 @@ def run_compare(
     judge_retries: int = 5,
     judge_timeout: float = 120.0,
     api_key: str | None = None,
+    pool_seeds: bool = False,
 ) -> Comparison:
     """Compare, print, plot; the comparison is returned (for `--report-to`)."""
     if fmt not in FORMATS:
@@ -51,9 +52,18 @@ def run_compare(
         if not match:
             paths.insert(0, baseline)  # a baseline not listed joins the comparison, as its first column
         base_index = paths.index(match[0]) if match else 0
+    if pool_seeds and judge is not None:
+        raise KdError("--judge compares two runs head to head, one answer against one; drop --pool-seeds for it.")
     loaded = load_runs(paths)
     if baseline is not None:
         base_label = loaded[base_index].label
+    if pool_seeds:
+        from kdcli.compare.arms import pool_seeds as pool
+
+        base_path = loaded[base_index].path if baseline is not None else None
+        loaded = pool(loaded)
+        if base_path is not None:
+            base_label = next(arm.label for arm in loaded if any(f.path == base_path for f in arm.folders()))
     client = None
     if judge is not None:
         # Checked before the (possibly slow) statistics, so a missing key costs nothing.

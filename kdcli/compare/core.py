@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kdcli.compare.evalset import SetComparison, compare_set
+from kdcli.compare.evalset import SetComparison, compare_set, eval_hint
 from kdcli.compare.ranking import HIGHER, LOWER, NONE, as_number, best_runs
 from kdcli.compare.runs import RunData
 from kdcli.compare.setup_diff import SetupRow, setup_diff
@@ -59,6 +59,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     head_to_head: list[HeadToHead] = field(default_factory=list)
     resamples: int = DEFAULT_RESAMPLES
+    arms: dict[str, list[str]] = field(default_factory=dict)  # an arm's label → its run folders (`--pool-seeds`)
     # Curves for the sparkline and the plot: run → [(step, value)]; not part of the JSON output.
     curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
 
@@ -89,6 +90,7 @@ def compare_runs(
         evaluation=[],
         resamples=resamples,
         curves={run.label: curves_of(run) for run in runs},
+        arms={run.label: [str(f.path) for f in run.folders()] for run in runs if len(run.folders()) > 1},
     )
     if len({str(run.run.divergence) for run in runs}) > 1:
         comparison.notes.append(
@@ -101,9 +103,26 @@ def compare_runs(
     for name, mode in keys:
         comparison.evaluation.append(compare_set(runs, base, name, mode, resamples=resamples, seed=seed))
     for run in runs:
+        for name, mode, entry in _partly_evaluated(run):
+            comparison.notes.append(
+                f"{run.label}: only some of its runs have {name} ({mode}), so the arm leaves it out; run "
+                f"`{eval_hint(run, name, entry)}` to add it."
+            )
         if not run.sets():
-            comparison.notes.append(f"{run.label} has no evaluation yet: run `kd eval {run.path}` to fill it.")
+            folders = " ".join(str(f.path) for f in run.folders())
+            comparison.notes.append(f"{run.label} has no evaluation yet: run `kd eval {folders}` to fill it.")
     return comparison
+
+
+def _partly_evaluated(run: RunData) -> list[tuple[str, str, dict[str, Any]]]:
+    """(set, mode, an entry) that some but not all of an arm's runs have: an arm compares only what all have."""
+    found: list[tuple[str, str, dict[str, Any]]] = []
+    for folder in run.folders() if len(run.folders()) > 1 else []:
+        for name, modes in folder.sets().items():
+            for mode, entry in modes.items():
+                if mode not in run.sets().get(name, {}) and all((name, mode) != f[:2] for f in found):
+                    found.append((name, mode, entry))
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ training

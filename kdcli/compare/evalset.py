@@ -23,10 +23,10 @@ from kdcli.compare.stats import (
     PromptBootstrap,
     RatioStat,
     Statistic,
-    mean_ci,
+    arm_bootstrap,
     observed,
-    prompt_bootstrap,
 )
+from kdcli.compare.student_t import mean_ci
 
 # (key, title, better direction, format). Length has no better direction: shorter is not better, nor longer.
 EVAL_METRICS = (
@@ -50,6 +50,9 @@ class MetricCell:
     # prompts, not an interval over prompts; None with one pass.
     ci95_seeds: float | None
     seeds: int  # passes the mean is over
+    # Training runs the mean is over: 1 for a run; an arm's (`--pool-seeds`), whose `ci95_seeds` is then the
+    # spread over training seeds and whose intervals and p-values include it (`stats.arm_bootstrap`).
+    runs: int = 1
     delta: float | None = None  # against the baseline
     delta_ci95: tuple[float, float] | None = None  # (low, high) of the delta, from the same paired bootstrap
     p_value: float | None = None  # paired bootstrap over prompts, two-sided
@@ -78,6 +81,8 @@ class SetComparison:
 
 
 def pass_labels(entry: dict[str, Any]) -> list[str]:
+    if entry.get("passes"):  # an arm's entry (`arms`) names its passes itself
+        return list(entry["passes"])
     if entry.get("mode") == "greedy":
         return ["greedy"]
     if entry.get("seeds"):
@@ -90,11 +95,14 @@ def row_key(row: dict[str, Any]) -> tuple[int, str]:
 
 
 def eval_hint(run: RunData, set_name: str, entry: dict[str, Any]) -> str:
-    """The kd eval command that gives `run` the set `entry` describes (as another run has it)."""
-    command = f"kd eval {run.path} --data {set_name}={entry.get('data', set_name)}"
-    if entry.get("mode") == "greedy":
+    """The kd eval command that gives `run` (each of its folders that lacks it) the set `entry` describes (as
+    another run has it)."""
+    mode = entry.get("mode", "sampling")
+    lacking = [f for f in run.folders() if mode not in f.sets().get(set_name, {})] or run.folders()
+    command = f"kd eval {' '.join(str(f.path) for f in lacking)} --data {set_name}={entry.get('data', set_name)}"
+    if mode == "greedy":
         return command + " --greedy"
-    labels = pass_labels(entry)
+    labels = list(dict.fromkeys(label.rsplit("/", 1)[-1] for label in pass_labels(entry)))
     if tuple(labels) != DEFAULT_SEEDS:
         command += " --seeds " + ",".join(label.removeprefix("seed-") for label in labels)
     return command
@@ -126,7 +134,8 @@ def compare_set(
         )
     _note_settings(result, entries)
     statistics = _statistics(have, set_name, shared, result) if shared else None
-    draws = _bootstrap(statistics, shared, resamples, seed) if statistics is not None else {}
+    groups = {run.label: run.pass_groups(shared) for run in have}
+    draws = _bootstrap(statistics, groups, resamples, seed) if statistics is not None else {}
 
     present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
     for key, title, direction, fmt in present:
@@ -137,7 +146,12 @@ def compare_set(
                 ci = mean_ci(values)
                 found = draws.get((run.label, key))
                 interval = found[0].interval(found[1]) if found else None
-                row.cells[run.label] = MetricCell(ci.mean, interval, ci.half_width, ci.n)
+                cell = MetricCell(ci.mean, interval, ci.half_width, ci.n)
+                if len(groups[run.label]) > 1:  # an arm: the mean and its spread are over its runs
+                    per_run = [_per_pass_values(run, entries[run.label], key, g, statistics) for g in groups[run.label]]
+                    spread = mean_ci([math.fsum(v) / len(v) for v in per_run if v])
+                    cell.mean, cell.ci95_seeds, cell.runs = spread.mean, spread.half_width, spread.n
+                row.cells[run.label] = cell
         result.rows.append(row)
     judged = [label for label, entry in entries.items() if "judge" in entry.get("metrics", {})]
     if judged and len(judged) < len(entries):
@@ -180,7 +194,7 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
             found = run.pass_rows(set_name, label)
             if found is None:
                 result.notes.append(
-                    f"{set_name}: {run.eval_dir / set_name / (label + '.jsonl')} is missing, so values come from "
+                    f"{set_name}: {run.pass_file(set_name, label)} is missing, so values come from "
                     "results.json, with the spread over seeds only, and no p-values are given. Re-run kd eval on "
                     "that run to restore it."
                 )
@@ -263,21 +277,27 @@ def _note_examples(
     )
 
 
-def _bootstrap(stats: Stats, passes: list[str], resamples: int, seed: int) -> Draws:
+def _bootstrap(stats: Stats, groups: dict[str, list[list[str]]], resamples: int, seed: int) -> Draws:
     """One prompt bootstrap per group of metrics over the same examples, every run's series drawn together.
 
     Drawing all runs on the same resamples is what pairs a run with the baseline, and lets the runs' intervals be
-    read side by side. The judge covers its own subset of examples, so it is its own group.
+    read side by side. The judge covers its own subset of examples, so it is its own group. `groups[label]` splits
+    a column's passes by training run (one group for a run, one per run for an arm).
     """
     draws: Draws = {}
     metrics = list(dict.fromkeys(m for per in stats.values() for m in per))
     for group in ([m for m in metrics if m != "judge"], [m for m in metrics if m == "judge"]):
         # A metric a run lacks on some pass (the judge) is left to results.json for that run.
-        keys = [(label, m) for label, per in stats.items() for m in group if len(per.get(m, {})) == len(passes)]
+        keys = [
+            (label, m)
+            for label, per in stats.items()
+            for m in group
+            if all(p in per.get(m, {}) for passes in groups[label] for p in passes)
+        ]
         if not keys:
             continue
-        series = [[stats[label][m][p] for p in passes] for label, m in keys]
-        boot = prompt_bootstrap(series, resamples=resamples, seed=seed)
+        series = [[[stats[label][m][p] for p in passes] for passes in groups[label]] for label, m in keys]
+        boot = arm_bootstrap(series, resamples=resamples, seed=seed)
         if boot is not None:
             draws.update({key: (boot, k) for k, key in enumerate(keys)})
     return draws
@@ -288,7 +308,7 @@ def _per_pass_values(
 ) -> list[float]:
     if statistics is not None:
         per_pass = statistics[run.label].get(key, {})
-        if len(per_pass) == len(passes):
+        if all(p in per_pass for p in passes):
             values = [observed(per_pass[p]) for p in passes]
             return [v for v in values if not math.isnan(v)]
         if key != "judge":

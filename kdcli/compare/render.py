@@ -28,7 +28,15 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 def legend(comparison: Comparison) -> str:
-    return (
+    arms = ""
+    if comparison.arms:
+        arms = (
+            f"arms ({', '.join(f'{label}: {len(paths)} runs' for label, paths in comparison.arms.items())}): mean over "
+            "the arm's training runs; training seeds ±: 95% Student t interval over the runs' values; the arm's CI, "
+            "its Δ's CI and p: Student t on the prompt bootstrap's variance plus the training seeds' "
+            "(Welch–Satterthwaite degrees of freedom) · "
+        )
+    return arms + (
         "mean over seeds [95% CI over prompts: percentile bootstrap, the prompts resampled once per draw for every "
         "seed] · seeds ±: 95% Student t interval over the per-seed values (seed-to-seed spread only; none with one "
         f"seed) · Δ run − baseline {comparison.baseline} [95% CI, same bootstrap] · p: two-sided paired bootstrap "
@@ -83,7 +91,9 @@ def _mean_text(cell: MetricCell, fmt: str) -> str:
 
 def _seeds_text(cell: MetricCell, fmt: str) -> str | None:
     """The spread over seeds, kept apart from the interval over prompts: the two answer different questions."""
-    return None if cell.ci95_seeds is None else f"seeds ± {fmt.format(cell.ci95_seeds)}"
+    if cell.ci95_seeds is None:
+        return None
+    return f"{'training seeds' if cell.runs > 1 else 'seeds'} ± {fmt.format(cell.ci95_seeds)}"
 
 
 def _delta_text(cell: MetricCell, fmt: str) -> str | None:

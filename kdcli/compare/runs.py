@@ -10,6 +10,7 @@ naming the file and the fix.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,18 @@ class RunData:
     def sets(self) -> dict[str, dict[str, Any]]:
         """{set name: {mode: entry}} from results.json."""
         return (self.results or {}).get("sets", {}) or {}
+
+    def folders(self) -> list[RunData]:
+        """The run folders behind this column: the run itself (an arm of `--pool-seeds` has several)."""
+        return [self]
+
+    def pass_groups(self, passes: Sequence[str]) -> list[list[str]]:
+        """`passes` split by training run: one group here (an arm has one per run)."""
+        return [list(passes)]
+
+    def pass_file(self, set_name: str, label: str) -> str:
+        """Where a pass's generations are (for messages)."""
+        return str(self.eval_dir / set_name / f"{label}.jsonl")
 
     def pass_rows(self, set_name: str, label: str) -> list[dict[str, Any]] | None:
         """The per-example generations of one pass, or None when the file is gone."""

@@ -15,8 +15,15 @@ The t interval over per-seed values measures something else: how much the score 
 prompts. It says nothing about prompt sampling, so `kd compare` shows it beside the bootstrap interval, not in its
 place.
 
-No scipy: the t quantile comes from the regularised incomplete beta function (a continued fraction, as in
-Numerical Recipes §6.4), inverted by bisection, which is exact to ~1e-12 and costs microseconds.
+An arm (`kd compare --pool-seeds`) is several training runs of one recipe that differ only in `seed`. Its value is
+the mean over its runs, and a training seed is a second source of chance the prompt bootstrap cannot see: a run
+that came out better is better on every prompt. So an arm's variance is Welch's, the sample variance of its run
+values over the number of runs (exact on these prompts), plus what the prompt bootstrap adds beyond the per-prompt
+noise already inside those run values (the prompts' own effect, estimated from the same resamples, so nothing is
+counted twice). With three runs that variance is itself uncertain, so intervals and p-values use Student's t with
+Welch–Satterthwaite degrees of freedom instead of the bootstrap's percentiles.
+
+The t quantiles are `student_t`'s.
 """
 
 from __future__ import annotations
@@ -28,95 +35,11 @@ from typing import Protocol
 
 import numpy as np
 
-ALPHA = 0.05
+from kdcli.compare.student_t import ALPHA, normal_quantile, t_cdf, t_quantile
+
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
 _CELLS_PER_CHUNK = 2_000_000  # resamples × examples held at once: bounds memory at ~16 MB per count matrix
-
-
-# ------------------------------------------------------------------------------------------------ t interval
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # The continued fraction converges fast only on one side of the mean; use the symmetry on the other.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with `df` degrees of freedom (0 < p < 1)."""
-    if not 0.0 < p < 1.0 or df <= 0:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0 (got p={p}, df={df})")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-13 * max(1.0, hi):
-            break
-    return (lo + hi) / 2.0
-
-
-@dataclass(frozen=True)
-class MeanCI:
-    mean: float
-    half_width: float | None  # None with one value: no interval can be given
-    n: int
-
-
-def mean_ci(values: Sequence[float], level: float = 1.0 - ALPHA) -> MeanCI:
-    """Mean ± t_{(1+level)/2, n−1} · s / √n, with s the sample (n−1) standard deviation."""
-    n = len(values)
-    if n == 0:
-        return MeanCI(math.nan, None, 0)
-    mean = math.fsum(values) / n
-    if n == 1:
-        return MeanCI(mean, None, 1)
-    s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return MeanCI(mean, t_quantile((1.0 + level) / 2.0, n - 1) * s / math.sqrt(n), n)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -232,20 +155,87 @@ class BootstrapResult:
 
 
 @dataclass(frozen=True)
+class RunSpread:
+    """The training runs of one arm on the shared resamples: what the seed adds to the arm mean's variance."""
+
+    observed: np.ndarray  # [R] each run's value (the mean over its passes)
+    draws: np.ndarray  # [R, B] each run's value on the shared resamples of prompts
+
+    @property
+    def runs(self) -> int:
+        return int(self.observed.shape[0])
+
+    def seed_variance(self) -> float:
+        """The runs' sample variance: how much a run's value moves with its training seed, per-prompt noise
+        included (on these prompts)."""
+        return float(np.var(self.observed, ddof=1))
+
+    def noise_variance(self) -> float:
+        """The part of `seed_variance` that per-prompt noise makes, as the prompt bootstrap sees it too. A run's
+        deviation from the arm on a resample, θ*_r − θ̄*, varies only through that noise (a run's own offset is
+        the same on every resample), with variance (1 − 1/R) times it, so it is R/(R − 1) times the mean of
+        those variances."""
+        runs = self.runs
+        deviation = self.draws - self.draws.mean(axis=0, keepdims=True)
+        return runs / (runs - 1) * float(np.mean(np.var(deviation, axis=1, ddof=1)))
+
+
+@dataclass(frozen=True)
 class PromptBootstrap:
     """K series resampled together: `observed[k]` is series k's value (the mean over its passes of its statistic)
-    and `draws[k]` its B values on the same B resamples of prompts, so any two series can be paired."""
+    and `draws[k]` its B values on the same B resamples of prompts, so any two series can be paired.
+
+    `spreads[k]` is set where series k is an arm of several training runs (`arm_bootstrap`); its intervals and
+    tests then add the between-run variance, with t quantiles (module docstring)."""
 
     observed: np.ndarray  # [K]
     draws: np.ndarray  # [K, B]
+    prompts: int = 0  # n, the prompts resampled: the degrees of freedom of the prompt part
+    spreads: tuple[RunSpread | None, ...] = ()
 
     @property
     def resamples(self) -> int:
         return int(self.draws.shape[1])
 
+    def _spread(self, k: int) -> RunSpread | None:
+        return self.spreads[k] if k < len(self.spreads) else None
+
+    def _t_interval(
+        self, centre: float, boot: np.ndarray, arms: Sequence[int], level: float
+    ) -> tuple[tuple[float, float], float, float] | None:
+        """(interval, standard error, degrees of freedom) of `centre`, a value or difference of the series `arms`.
+
+        The variance is Σ s²_k / R_k over the arms of several runs (their seed variance, Welch's term) plus what
+        the prompt bootstrap of `boot` adds beyond the per-prompt noise those terms already hold (the prompts'
+        own effect; floored at 0), with Welch–Satterthwaite degrees of freedom. None when no draw is finite.
+        """
+        finite = boot[np.isfinite(boot)]
+        if finite.size < 2:
+            return None
+        prompt_part = float(np.var(finite, ddof=1))
+        parts: list[tuple[float, float]] = []
+        for k in dict.fromkeys(arms):
+            spread = self._spread(k)
+            if spread is not None:
+                parts.append((spread.seed_variance() / spread.runs, spread.runs - 1))
+                prompt_part -= spread.noise_variance() / spread.runs
+        parts.append((max(0.0, prompt_part), max(1, self.prompts - 1)))
+        variance = math.fsum(v for v, _ in parts)
+        if variance <= 0.0:
+            return (centre, centre), 0.0, math.inf
+        denominator = math.fsum(v * v / df for v, df in parts)
+        df = variance * variance / denominator if denominator > 0 else math.inf
+        se = math.sqrt(variance)
+        half = (t_quantile((1.0 + level) / 2.0, df) if math.isfinite(df) else normal_quantile(level)) * se
+        return (centre - half, centre + half), se, df
+
     def interval(self, k: int, level: float = 1.0 - ALPHA) -> tuple[float, float] | None:
-        """Percentile interval of series k over resamples of prompts (bias-centred: `percentile_interval`)."""
-        return percentile_interval(self.draws[k], float(self.observed[k]), level)
+        """Percentile interval of series k over resamples of prompts (bias-centred: `percentile_interval`); for an
+        arm of several runs, the t interval with the between-run variance added."""
+        if self._spread(k) is None:
+            return percentile_interval(self.draws[k], float(self.observed[k]), level)
+        found = self._t_interval(float(self.observed[k]), self.draws[k], [k], level)
+        return None if found is None else found[0]
 
     def paired(self, base: int, run: int) -> BootstrapResult | None:
         """Two-sided test of series `run` − series `base`, paired through the shared resamples.
@@ -259,6 +249,16 @@ class PromptBootstrap:
         if math.isnan(delta):
             return None
         boot = self.draws[run] - self.draws[base]
+        if self._spread(base) is not None or self._spread(run) is not None:
+            found = self._t_interval(delta, boot, [base, run], 1.0 - ALPHA)
+            if found is None:
+                return None
+            interval, se, df = found
+            if se == 0.0:
+                return BootstrapResult(delta, 1.0 if delta == 0.0 else 0.0, self.resamples, interval)
+            t = abs(delta) / se
+            p_value = 2.0 * (1.0 - t_cdf(t, df)) if math.isfinite(df) else math.erfc(t / math.sqrt(2.0))
+            return BootstrapResult(delta, p_value, self.resamples, interval)
         finite = boot[np.isfinite(boot)]
         if not finite.size:
             return None
@@ -282,29 +282,58 @@ def prompt_bootstrap(
     every pass and every run, which is what makes the seeds repeated measures of a prompt rather than fresh
     evidence, and what pairs the runs. None when there is no series or no prompt.
     """
-    series = [list(passes) for passes in series]
-    if not series:
+    return arm_bootstrap([[list(passes)] for passes in series], resamples=resamples, seed=seed)
+
+
+def arm_bootstrap(
+    arms: Sequence[Sequence[Sequence[Statistic]]],
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> PromptBootstrap | None:
+    """`prompt_bootstrap` for arms of training runs: `arms[k][r]` holds run r's statistic on each of its passes.
+
+    Every pass of every run of every arm is drawn on the same resamples of prompts. An arm's value is the mean over
+    its runs of each run's mean over its passes; an arm of one run is exactly `prompt_bootstrap`'s series, and an
+    arm of several carries its runs' values (`RunSpread`) for the between-run variance.
+    """
+    arms = [[list(passes) for passes in runs] for runs in arms]
+    if not arms:
         return None
-    if any(not passes for passes in series):
+    if any(not runs or any(not passes for passes in runs) for runs in arms):
         raise ValueError("every series needs at least one pass")
-    n = series[0][0].size
-    if any(stat.size != n for passes in series for stat in passes):
+    n = arms[0][0][0].size
+    if any(stat.size != n for runs in arms for passes in runs for stat in passes):
         raise ValueError("every statistic must cover the same prompts, aligned in one order")
     if n == 0:
         return None
-    observed_values = np.array([math.fsum(observed(stat) for stat in passes) / len(passes) for passes in series])
-    draws = np.zeros((len(series), resamples), dtype=np.float64)
+    flat = [passes for runs in arms for passes in runs]
+    run_observed = np.array([math.fsum(observed(stat) for stat in passes) / len(passes) for passes in flat])
+    run_draws = np.zeros((len(flat), resamples), dtype=np.float64)
     rng = np.random.default_rng(seed)
     chunk = max(1, _CELLS_PER_CHUNK // n)
     probs = np.full(n, 1.0 / n)
     for start in range(0, resamples, chunk):
         counts = rng.multinomial(n, probs, size=min(chunk, resamples - start)).astype(np.float64)
         stop = start + len(counts)
-        for k, passes in enumerate(series):
+        for k, passes in enumerate(flat):
             for stat in passes:
-                draws[k, start:stop] += stat(counts)
-    draws /= np.array([len(passes) for passes in series], dtype=np.float64)[:, None]
-    return PromptBootstrap(observed_values, draws)
+                run_draws[k, start:stop] += stat(counts)
+    run_draws /= np.array([len(passes) for passes in flat], dtype=np.float64)[:, None]
+    observed_values, draws, spreads = [], [], []
+    first = 0
+    for runs in arms:
+        own = slice(first, first + len(runs))
+        first += len(runs)
+        if len(runs) == 1:
+            observed_values.append(float(run_observed[own][0]))
+            draws.append(run_draws[own][0])
+            spreads.append(None)
+        else:
+            observed_values.append(math.fsum(run_observed[own]) / len(runs))
+            draws.append(run_draws[own].mean(axis=0))
+            spreads.append(RunSpread(run_observed[own].copy(), run_draws[own].copy()))
+    return PromptBootstrap(np.array(observed_values), np.stack(draws), n, tuple(spreads))
 
 
 def paired_bootstrap(
