@@ -114,7 +114,9 @@ def test_grid_runs_skips_finished_resumes_killed_and_compares(tmp_path: Path, ti
         0,
         1,
     }
-    assert "kd compare · 4 runs" in first.output and "grid outcome" in first.output
+    # The seed axis repeats each divergence: the table compares the two arms, each the mean of its two runs.
+    assert "kd compare · 2 arms of 4 runs" in first.output and "grid outcome" in first.output
+    assert "tiny-fkl-s{0,1}" in first.output and "training seeds ±" in first.output
 
     # One run killed after its first checkpoint (no run record, no student), one never started, one foreign folder.
     (runs / "tiny-fkl-s1" / "run.json").unlink()

@@ -108,7 +108,8 @@ def _distill_grid(
     from kdcli.grid import parse_axes, plan_grid, run_grid
     from kdcli.ui import console
 
-    points = plan_grid(recipe, sets, parse_axes(grid))
+    axes = parse_axes(grid)
+    points = plan_grid(recipe, sets, axes)
     where = points[0].folder.path.parent if points else Path()
     table = Table(title=f"kd distill --grid: {len(points)} runs in {where}", header_style="bold")
     for column in ("run", "overrides", "state"):
@@ -136,7 +137,8 @@ def _distill_grid(
     if finished:
         from kdcli.compare.cli import run_compare
 
-        run_compare(finished, console)
+        # A seed axis repeats each setting: compare the settings (arms), not the seeds' runs one by one.
+        run_compare(finished, console, pool_seeds=any(axis.key == "seed" for axis in axes))
     failed = [p for p in done if p.outcome is None or not p.outcome.startswith("finished")]
     if failed:
         raise typer.Exit(130 if any(p.outcome == "interrupted" for p in failed) else 1)

@@ -125,7 +125,7 @@ def _set_title(s: SetComparison) -> str:
 def rich_view(comparison: Comparison) -> Group:
     base = escape(comparison.baseline)
     parts: list[Any] = [
-        Text.from_markup(f"[bold]kd compare[/bold] · {len(comparison.runs)} runs · baseline [cyan]{base}[/cyan]")
+        Text.from_markup(f"[bold]kd compare[/bold] · {_columns(comparison)} · baseline [cyan]{base}[/cyan]")
     ]
     parts.append(_setup_table(comparison))
     parts.append(_training_table(comparison))
@@ -138,6 +138,13 @@ def rich_view(comparison: Comparison) -> Group:
         parts.extend(Text(f"• {note}", style="yellow") for note in notes)
     parts.append(Text(legend(comparison), style="dim"))
     return Group(*parts)
+
+
+def _columns(comparison: Comparison) -> str:
+    if not comparison.arms:
+        return f"{len(comparison.runs)} runs"
+    folders = len(comparison.runs) - len(comparison.arms) + sum(len(p) for p in comparison.arms.values())
+    return f"{len(comparison.runs)} arms of {folders} runs"
 
 
 def _setup_table(comparison: Comparison) -> Table | Text:
