@@ -82,7 +82,14 @@ def write_study_recipe(args: argparse.Namespace) -> Path:
 def train(args: argparse.Namespace, recipe: Path) -> int:
     # Seeds vary slowest: a study stopped part-way has every arm at its first seeds, not every seed of one arm.
     grid = ["--grid", f"seed={args.seeds}", "--grid", f"loss.divergence={args.arms}"]
-    return kd("distill", str(recipe), *grid)
+    code = kd("distill", str(recipe), *grid)
+    if args.on_policy_arms:
+        # The same recipe with the student's own samples on a share of the micro-batches, named apart.
+        mixed = ["--set", f"on_policy.ratio={args.on_policy_ratio}", "--set", "name=rep-{divergence}-onpolicy-s{seed}"]
+        mixed += ["--set", f"on_policy.max_new_tokens={args.max_new_tokens}"]
+        grid = ["--grid", f"seed={args.seeds}", "--grid", f"loss.divergence={args.on_policy_arms}"]
+        code = kd("distill", str(recipe), *grid, *mixed) or code
+    return code
 
 
 def undistilled_student(args: argparse.Namespace, recipe: Path) -> Path:
@@ -109,6 +116,7 @@ def eval_sets(args: argparse.Namespace) -> list[str]:
     data = ["--data", f"selfinst={args.data_dir / 'selfinst' / 'eval.jsonl'}"]
     data += ["--data", f"vicuna={args.data_dir / 'vicuna' / 'eval.jsonl'}", "--data", "starter=builtin:starter"]
     settings = ["--seeds", args.eval_seeds, "--max-new-tokens", str(args.max_new_tokens), "--template", "chat"]
+    settings += ["--batch-size", str(args.eval_batch_size)]
     if args.eval_examples:
         settings += ["--max-examples", str(args.eval_examples)]
     return data + settings
@@ -133,13 +141,8 @@ def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) ->
     if not finished:
         return "No evaluated runs yet."
     plot = args.out / "replication.png"
-    table = subprocess.run(
-        [sys.executable, "-m", "kdcli", "compare", *finished, "--format", "markdown", "--plot", str(plot)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    # The seeds of an arm are pooled: the question is fkl against akl, not one seed's run against another's.
+    table = compare(*finished, "--format", "markdown", "--plot", str(plot))
     # One level down, so that the table's headings stay inside this section of the doc.
     table = "\n".join("#" + line if line.startswith("#") else line for line in table.splitlines())
     lines = [
@@ -159,9 +162,51 @@ def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) ->
         "",
         reference_table(args),
         "",
+        against_rkl(finished),
+        "",
         f"Plot: `{_shown(plot)}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def compare(*args: str) -> str:
+    """`kd compare --pool-seeds ARGS`' output."""
+    command = [sys.executable, "-m", "kdcli", "compare", "--pool-seeds", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+def against_rkl(finished: list[str]) -> str:
+    """ROUGE-L deltas against the rkl arm (the table above takes them against fkl): AKL's claim is over both, and
+    the on-policy arm's question is what sampling adds to the same divergence."""
+    rkl = [run for run in finished if Path(run).name.startswith("rep-rkl-s")]
+    others = [run for run in finished if Path(run).name.startswith(("rep-akl-s", "rep-rkl-onpolicy-s"))]
+    if not rkl or not others:
+        return ""
+    data = json.loads(compare(*rkl, *others, "--format", "json", "--resamples", "10000"))
+    arms = [label for label in data["runs"] if label != data["baseline"]]
+    lines = [
+        f"ROUGE-L against the rkl arm ({data['baseline']}): Δ [95% CI] p, from `kd compare --pool-seeds "
+        "--format json` with rkl as the baseline:",
+        "",
+        "| arm | " + " | ".join(s["set"] for s in data["evaluation"]) + " |",
+        "|---" * (len(data["evaluation"]) + 1) + "|",
+    ]
+    for arm in arms:
+        cells = []
+        for evaluation in data["evaluation"]:
+            cell = next(r for r in evaluation["rows"] if r["metric"] == "rougeL")["cells"].get(arm) or {}
+            if cell.get("delta") is None:
+                cells.append("-")
+                continue
+            low, high = cell["delta_ci95"]
+            p = cell["p_value"]
+            cells.append(
+                f"{cell['delta']:+.2f} [{low:+.2f}, {high:+.2f}] "
+                + ("p<0.001" if p < 0.001 else f"p={p:.3f}")
+                + (" \\*" if p < 0.05 else " n.s.")
+            )
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _shown(path: Path) -> str:
@@ -196,9 +241,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
     parser.add_argument("--train-examples", type=int, default=2000, help="first N Alpaca examples")
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps of every run")
+    parser.add_argument(
+        "--on-policy-arms", default="", help="divergences also trained on-policy (rep-DIV-onpolicy-sSEED); empty: none"
+    )
+    parser.add_argument("--on-policy-ratio", type=float, default=0.5, help="on_policy.ratio of the on-policy arms")
     parser.add_argument("--eval-seeds", default="1,2,3", help="sampling seeds of kd eval")
     parser.add_argument("--eval-examples", type=int, default=0, help="first N examples of each eval set (0: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="kd eval --max-new-tokens")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="kd eval --max-new-tokens, and the on-policy arms' samples"
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=8, help="kd eval --batch-size")
     parser.add_argument("--teacher", help="another teacher.model (a smoke test on a tiny model)")
     parser.add_argument("--set", action="append", help="a recipe override for every run, as kd distill --set")
     parser.add_argument("--stage", choices=("all", "train", "eval", "report"), default="all")
