@@ -161,6 +161,11 @@ def test_pool_seeds_makes_one_column_per_arm_from_its_runs(tmp_path: Path) -> No
     steps = next(r for r in pooled["training"] if r["key"] == "steps")["values"]
     assert steps == {"g-fkl-s{0,1,2}": 3, "g-akl-s{0,1,2}": 3}
     assert [row["key"] for row in pooled["setup"]] == ["loss.divergence"]
+    mixed = _json(*map(str, runs[:4]), "--pool-seeds")  # an arm beside a lone run: the seeds as a list
+    assert next(r for r in mixed["setup"] if r["key"] == "seed")["values"] == {
+        "g-fkl-s{0,1,2}": "[0, 1, 2]",
+        "g-akl-s0": "0",
+    }
     markdown = runner.invoke(app, ["compare", *map(str, runs), "--pool-seeds", "--format", "markdown"]).output
     assert "training seeds ±" in markdown and "g-akl-s{0,1,2}: 3 runs" in markdown
 

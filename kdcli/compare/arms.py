@@ -98,9 +98,8 @@ def _identity(run: RunData) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def _seed(run: RunData) -> str:
-    seed = run.recipe.get(POOLED_KEY, run.run.seed)
-    return str(seed)
+def _seed(run: RunData) -> Any:
+    return run.recipe.get(POOLED_KEY, run.run.seed)
 
 
 def arm_label(names: Sequence[str]) -> str:
@@ -121,10 +120,10 @@ def _common_start(texts: Sequence[str]) -> str:
     return shortest
 
 
-def _arm(members: list[RunData], seeds: list[str]) -> ArmData:
+def _arm(members: list[RunData], seeds: list[Any]) -> ArmData:
     first = members[0]
     recipe = dict(first.recipe)
-    recipe[POOLED_KEY] = [as_number(s) if as_number(s) is not None else s for s in seeds]
+    recipe[POOLED_KEY] = list(seeds)
     arm = ArmData(
         label=arm_label([run.label for run in members]),
         path=first.path,
@@ -139,7 +138,7 @@ def _arm(members: list[RunData], seeds: list[str]) -> ArmData:
     return arm
 
 
-def _pooled_sets(arm: ArmData, seeds: list[str]) -> dict[str, dict[str, Any]]:
+def _pooled_sets(arm: ArmData, seeds: list[Any]) -> dict[str, dict[str, Any]]:
     from kdcli.compare.evalset import pass_labels  # evalset reads arms through RunData: import at call time
 
     pooled: dict[str, dict[str, Any]] = {}
