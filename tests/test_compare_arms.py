@@ -204,3 +204,10 @@ def test_an_arm_missing_a_set_on_some_runs_names_the_runs_to_evaluate(tmp_path: 
     (note,) = [n for n in pooled["notes"] if "extra" in n]
     assert note.startswith("g-fkl-s{0,1}: only some of its runs have extra (sampling)")
     assert f"kd eval {runs[1]} --data extra=data/extra.jsonl" in note
+    # Where another column has the set, it is compared, and the arm's missing run is named once, in its hint.
+    add_eval(runs[2], quality_answers(0.7), set_name="extra", examples=5)
+    add_eval(runs[3], quality_answers(0.7), set_name="extra", examples=5)
+    compared = _json(*map(str, runs), "--pool-seeds")
+    (extra,) = [s for s in compared["evaluation"] if s["set"] == "extra"]
+    assert extra["missing"] == {"g-fkl-s{0,1}": f"kd eval {runs[1]} --data extra=data/extra.jsonl --seeds 10,20,30"}
+    assert not [n for n in compared["notes"] if "extra" in n]

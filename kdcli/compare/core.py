@@ -104,6 +104,8 @@ def compare_runs(
         comparison.evaluation.append(compare_set(runs, base, name, mode, resamples=resamples, seed=seed))
     for run in runs:
         for name, mode, entry in _partly_evaluated(run):
+            if (name, mode) in keys:  # compared, with this arm's missing runs named there
+                continue
             comparison.notes.append(
                 f"{run.label}: only some of its runs have {name} ({mode}), so the arm leaves it out; run "
                 f"`{eval_hint(run, name, entry)}` to add it."
