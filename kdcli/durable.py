@@ -26,6 +26,15 @@ _NO_SPACE = re.compile(r"no space left|os error 28|storagefull|disk quota exceed
 _WRITE_FAILED = re.compile(r"iostream error|file write failed|unexpected pos|i/o error", re.IGNORECASE)
 
 
+def json_lines(text: str) -> list[str]:
+    """The lines of a JSON-lines text, split on "\n" only: how every kd reader splits one.
+
+    str.splitlines also splits on U+2028, U+2029, U+0085 and other separators that JSON allows unescaped inside a
+    string, and that json.dumps(..., ensure_ascii=False) writes as they are: a model's answer holding one would
+    read as a torn line."""
+    return text.split("\n")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

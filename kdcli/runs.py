@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from kdcli.durable import FolderLock, append_text, write_json, write_text_atomic
+from kdcli.durable import FolderLock, append_text, json_lines, write_json, write_text_atomic
 from kdcli.errors import KdError, KdWarning
 from kdcli.recipe import Recipe
 
@@ -250,7 +250,7 @@ class RunFolder:
             return []
         fix = "Delete or repair that line (kd writes one JSON object per line)."
         # Undecodable bytes become U+FFFD, so that they fail as the JSON of their own line.
-        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        lines = [line for line in json_lines(path.read_text(encoding="utf-8", errors="replace")) if line.strip()]
         rows: list[tuple[str, dict[str, Any]]] = []
         for number, line in enumerate(lines, 1):
             try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdcli.durable import json_lines
 from kdcli.errors import KdError
 from kdcli.evaluation.results import read_json
 from kdcli.recipe.load import read_yaml
@@ -152,7 +153,7 @@ def _read_jsonl(path: Path, fix: str) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in json_lines(path.read_text(encoding="utf-8")) if line.strip()]
     except UnicodeDecodeError as err:
         raise KdError(f"{path}: not UTF-8 text ({_first_line(err)}). {fix}") from None
     rows: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from kdcli.durable import json_lines
 from kdcli.errors import KdError, did_you_mean
 
 Split = Literal["train", "eval"]
@@ -127,7 +128,7 @@ def _load_builtin(spec: str, split: Split, key: str) -> list[dict[str, Any]]:
             "Reinstall kd, or point the setting at your own data file."
         )
     text = resource.read_text(encoding="utf-8")
-    return _parse_jsonl(text.split("\n"), f"{spec} ({file_name})", key)
+    return _parse_jsonl(json_lines(text), f"{spec} ({file_name})", key)
 
 
 # --- local files ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def _load_local(path: Path, spec: str, key: str) -> list[dict[str, Any]]:
         else:
             text = _decode(path.read_bytes(), path.name, key)
             if suffix in (".jsonl", ".ndjson"):
-                rows = _parse_jsonl(text.split("\n"), path.name, key)
+                rows = _parse_jsonl(json_lines(text), path.name, key)
             elif suffix == ".json":
                 rows = _parse_json(text, path.name, key)
             else:
@@ -192,8 +193,6 @@ def _decode(data: bytes, name: str, key: str) -> str:
 
 
 def _parse_jsonl(lines: Iterable[str], name: str, key: str) -> Rows:
-    # `lines` is the text split on "\n" only: str.splitlines also splits on U+2028 and other separators that
-    # JSON allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them).
     rows = Rows(name=name, lines=[], unit="line")
     assert rows.lines is not None
     for number, line in enumerate(lines, start=1):
@@ -224,7 +223,7 @@ def _parse_json(text: str, name: str, key: str) -> Rows:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
             # A `.json` file holding one object per line: read it as JSON lines rather than failing.
-            return _parse_jsonl(text.split("\n"), name, key)
+            return _parse_jsonl(json_lines(text), name, key)
         raise KdError(
             f"{key}: {name} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). Fix it there."
         ) from err

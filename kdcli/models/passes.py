@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.durable import append_text, write_text_atomic
+from kdcli.durable import append_text, json_lines, write_text_atomic
 from kdcli.errors import KdError
 from kdcli.models.generation import GenerationSettings, Prompt, eval_mode, generate_batch, plan_generation
 
@@ -32,7 +32,7 @@ def read_generations(path: Path, fix: str = "Delete it to generate the pass agai
     """The rows of a pass file: `index`, the caller's fields, `response`, `tokens`, `stopped`. The file is written
     whole (a rename), so a broken line is damage, not an interruption: a `KdError` naming it, ending with `fix`."""
     rows = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = json_lines(path.read_text(encoding="utf-8", errors="replace"))
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -123,7 +123,7 @@ def _resume(partial: Path, plan: list[list[int]]) -> dict[int, list[dict[str, An
     if not partial.exists():
         return {}
     by_batch: dict[int, list[dict[str, Any]]] = {}
-    for line in partial.read_text(encoding="utf-8").splitlines():
+    for line in json_lines(partial.read_text(encoding="utf-8")):
         try:
             row = json.loads(line)
             by_batch.setdefault(int(row["batch"]), []).append(row)

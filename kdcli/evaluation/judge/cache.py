@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcli.durable import append_text
+from kdcli.durable import append_text, json_lines
 from kdcli.evaluation.judge.prompt import Messages
 
 
@@ -44,7 +44,7 @@ class ReplyCache:
     def open(cls, path: Path | None) -> ReplyCache:
         cache = cls(path)
         if path is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in json_lines(path.read_text(encoding="utf-8")):
                 try:
                     record = json.loads(line)
                     reply = CachedReply(
