@@ -136,7 +136,7 @@ def evaluate(args: argparse.Namespace, recipe: Path) -> int:
 
 
 def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) -> str:
-    runs = sorted((args.out / "runs").glob("rep-*"), key=lambda p: (p.name.split("-")[1] != "fkl", p.name))
+    runs = sorted((args.out / "runs").glob("rep-*"), key=lambda p: _column_order(p.name, args))
     finished = [str(p) for p in runs if (p / "eval" / "results.json").is_file()]
     if not finished:
         return "No evaluated runs yet."
@@ -148,7 +148,9 @@ def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) ->
     lines = [
         RESULTS,
         "",
-        f"`{' '.join(['python bench/replication.py', *sys.argv[1:]])}`: arms {args.arms}, seeds {args.seeds}, "
+        f"`{' '.join(['python bench/replication.py', *sys.argv[1:]])}`: arms {args.arms}"
+        + (f" and on-policy {args.on_policy_arms} (ratio {args.on_policy_ratio:g})" if args.on_policy_arms else "")
+        + f", seeds {args.seeds}, "
         f"{args.steps} steps on the first {args.train_examples} Alpaca examples; eval seeds {args.eval_seeds}, "
         f"`max_new_tokens` {args.max_new_tokens}, {args.eval_examples or 'all'} examples a set. "
         f"Recipe: `{_shown(recipe)}`. Wall time, all invocations together, on "
@@ -167,6 +169,13 @@ def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) ->
         f"Plot: `{_shown(plot)}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _column_order(name: str, args: argparse.Namespace) -> tuple[int, int, str]:
+    """The arms as --arms lists them (the first, fkl by default, is the baseline), then the on-policy ones."""
+    divergence = name.split("-")[1]
+    arms = args.arms.split(",")
+    return ("-onpolicy-" in name, arms.index(divergence) if divergence in arms else len(arms), name)
 
 
 def compare(*args: str) -> str:
@@ -250,7 +259,9 @@ def main() -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=128, help="kd eval --max-new-tokens, and the on-policy arms' samples"
     )
-    parser.add_argument("--eval-batch-size", type=int, default=8, help="kd eval --batch-size")
+    parser.add_argument(
+        "--eval-batch-size", type=int, default=20, help="kd eval --batch-size (20 samples ~3x faster than 8 on CPU)"
+    )
     parser.add_argument("--teacher", help="another teacher.model (a smoke test on a tiny model)")
     parser.add_argument("--set", action="append", help="a recipe override for every run, as kd distill --set")
     parser.add_argument("--stage", choices=("all", "train", "eval", "report"), default="all")
