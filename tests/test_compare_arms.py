@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.compare.arms import arm_label
-from kdcli.compare.stats import MeanStat, arm_bootstrap, prompt_bootstrap
+from kdcli.compare.stats import MeanStat, PromptBootstrap, RunSpread, arm_bootstrap, prompt_bootstrap
 from kdcli.compare.student_t import mean_ci
 
 runner = CliRunner()
@@ -141,7 +141,7 @@ def test_pool_seeds_makes_one_column_per_arm_from_its_runs(tmp_path: Path) -> No
     assert pooled["runs"] == ["g-fkl-s{0,1,2}", "g-akl-s{0,1,2}"]
     assert pooled["arms"]["g-akl-s{0,1,2}"] == [str(r) for r in runs[3:]]
     (evaluation,) = pooled["evaluation"]
-    assert evaluation["passes"] == [f"seed-{t}/seed-{s}" for t in (0, 1, 2) for s in SEEDS]
+    assert evaluation["passes"] == [f"seed-{s}" for s in SEEDS]  # shared by sampling pass; each run has all three
     # The arm's value and its spread are those of its runs, as each run alone reports them.
     single = _json(*map(str, runs))
     (alone,) = single["evaluation"]
@@ -162,6 +162,12 @@ def test_pool_seeds_makes_one_column_per_arm_from_its_runs(tmp_path: Path) -> No
     assert steps == {"g-fkl-s{0,1,2}": 3, "g-akl-s{0,1,2}": 3}
     assert [row["key"] for row in pooled["setup"]] == ["loss.divergence"]
     mixed = _json(*map(str, runs[:4]), "--pool-seeds")  # an arm beside a lone run: the seeds as a list
+    (both,) = mixed["evaluation"]
+    cells = next(r for r in both["rows"] if r["metric"] == "rougeL")["cells"]
+    assert cells["g-fkl-s{0,1,2}"]["runs"] == 3 and cells["g-akl-s0"]["runs"] == 1
+    assert cells["g-akl-s0"]["mean"] == pytest.approx(rouge_alone["g-akl-s0"]["mean"])
+    assert cells["g-akl-s0"]["p_value"] is not None
+    assert any(n.startswith("g-akl-s0: a single training run beside arms") for n in mixed["notes"])
     assert next(r for r in mixed["setup"] if r["key"] == "seed")["values"] == {
         "g-fkl-s{0,1,2}": "[0, 1, 2]",
         "g-akl-s0": "0",
@@ -211,3 +217,35 @@ def test_an_arm_missing_a_set_on_some_runs_names_the_runs_to_evaluate(tmp_path: 
     (extra,) = [s for s in compared["evaluation"] if s["set"] == "extra"]
     assert extra["missing"] == {"g-fkl-s{0,1}": f"kd eval {runs[1]} --data extra=data/extra.jsonl --seeds 10,20,30"}
     assert not [n for n in compared["notes"] if "extra" in n]
+
+
+def test_arms_with_different_training_seeds_compare_every_run(tmp_path: Path) -> None:
+    """One arm's runs are independent of another's: their training seeds need not match to be compared."""
+    runs = _grid(tmp_path / "a", {"fkl": 0.5}, seeds=(0, 1, 2)) + _grid(tmp_path / "b", {"akl": 0.7}, seeds=(3, 4))
+    (evaluation,) = _json(*map(str, runs), "--pool-seeds")["evaluation"]
+    assert evaluation["passes"] == [f"seed-{s}" for s in SEEDS]
+    cells = next(r for r in evaluation["rows"] if r["metric"] == "rougeL")["cells"]
+    assert (cells["g-fkl-s{0,1,2}"]["runs"], cells["g-akl-s{3,4}"]["runs"]) == (3, 2)
+    assert cells["g-akl-s{3,4}"]["seeds"] == 6 and cells["g-akl-s{3,4}"]["p_value"] is not None
+
+
+def test_a_resample_where_a_run_has_no_value_is_left_out_of_the_arm_test() -> None:
+    """A NaN draw (a ratio with nothing under it) drops that resample from every part of the variance, not just
+    from the prompt part: the test equals the one on the other resamples."""
+    boot = arm_bootstrap(_arms(simulate(np.random.default_rng(8), shift=3.0)), resamples=300, seed=1)
+    assert boot is not None and all(s is not None for s in boot.spreads)
+    spreads = [s for s in boot.spreads if s is not None]
+    holed = [RunSpread(s.observed, s.draws.copy()) for s in spreads]
+    holed[1].draws[2, 7] = np.nan
+    with_hole = PromptBootstrap(
+        boot.observed, np.stack([h.draws.mean(axis=0) for h in holed]), boot.prompts, tuple(holed)
+    )
+    keep = np.arange(boot.resamples) != 7
+    without = [RunSpread(s.observed, s.draws[:, keep]) for s in spreads]
+    dropped = PromptBootstrap(boot.observed, boot.draws[:, keep], boot.prompts, tuple(without))
+    a, b = with_hole.paired(0, 1), dropped.paired(0, 1)
+    assert a is not None and b is not None
+    assert (a.delta, a.p_value, a.ci95) == (b.delta, b.p_value, b.ci95)
+    assert with_hole.interval(1) == dropped.interval(1)
+    nan_run = [RunSpread(np.array([1.0, np.nan, 2.0]), spreads[0].draws), spreads[1]]
+    assert PromptBootstrap(boot.observed, boot.draws, boot.prompts, tuple(nan_run)).paired(0, 1) is None

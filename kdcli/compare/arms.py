@@ -57,6 +57,9 @@ class ArmData(RunData):
             groups.setdefault(id(self.owners[label][0]), []).append(label)
         return list(groups.values())
 
+    def pass_key(self, label: str) -> str:
+        return self.owners[label][1]
+
     def pass_file(self, set_name: str, label: str) -> str:
         member, own = self.owners[label]
         return str(member.eval_dir / set_name / (own + ".jsonl"))

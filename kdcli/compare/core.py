@@ -102,6 +102,12 @@ def compare_runs(
         keys.extend((name, mode) for name, modes in run.sets().items() for mode in modes if (name, mode) not in keys)
     for name, mode in keys:
         comparison.evaluation.append(compare_set(runs, base, name, mode, resamples=resamples, seed=seed))
+    lone = [run.label for run in runs if len(run.folders()) == 1]
+    if comparison.arms and lone:
+        comparison.notes.append(
+            f"{', '.join(lone)}: a single training run beside arms of several, so its own training-seed variance is "
+            "unknown and its p-values count only the arms'; train it on more seeds to count it."
+        )
     for run in runs:
         for name, mode, entry in _partly_evaluated(run):
             if (name, mode) in keys:  # compared, with this arm's missing runs named there

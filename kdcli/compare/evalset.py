@@ -118,14 +118,18 @@ def compare_set(
     for run in runs:
         if run.label not in entries:
             result.missing[run.label] = eval_hint(run, set_name, some_entry)
-    own = {label: pass_labels(entry) for label, entry in entries.items()}
-    shared = [p for p in own[have[0].label] if all(p in passes for passes in own.values())]
+    # Columns share passes by sampling pass (`pass_key`): an arm's runs are independent of another column's, so
+    # its training seeds need not match anyone's; each of its runs must have every shared pass.
+    own = {run.label: pass_labels(entries[run.label]) for run in have}
+    available = {run.label: _keys_every_run_has(run, own[run.label]) for run in have}
+    shared = [k for k in available[have[0].label] if all(k in keys for keys in available.values())]
+    columns = {run.label: [p for p in own[run.label] if run.pass_key(p) in shared] for run in have}
     result.passes = shared
-    if any(len(passes) != len(shared) for passes in own.values()):
+    if any(len(columns[label]) != len(passes) for label, passes in own.items()):
         unused = "; ".join(
-            f"{label} {', '.join(p for p in passes if p not in shared)}"
+            f"{label} {', '.join(p for p in passes if p not in columns[label])}"
             for label, passes in own.items()
-            if len(passes) != len(shared)
+            if len(columns[label]) != len(passes)
         )
         result.notes.append(
             f"{set_name}: the runs were evaluated on different passes; compared on the {len(shared)} they share"
@@ -133,15 +137,15 @@ def compare_set(
             + f"; left out: {unused}."
         )
     _note_settings(result, entries)
-    statistics = _statistics(have, set_name, shared, result) if shared else None
-    groups = {run.label: run.pass_groups(shared) for run in have}
+    statistics = _statistics(have, set_name, columns, result) if shared else None
+    groups = {run.label: run.pass_groups(columns[run.label]) for run in have}
     draws = _bootstrap(statistics, groups, resamples, seed) if statistics is not None else {}
 
     present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
     for key, title, direction, fmt in present:
         row = MetricRow(key, title, direction, fmt, dict.fromkeys((r.label for r in runs), None))
         for run in have:
-            values = _per_pass_values(run, entries[run.label], key, shared, statistics)
+            values = _per_pass_values(run, entries[run.label], key, columns[run.label], statistics)
             if values:
                 ci = mean_ci(values)
                 found = draws.get((run.label, key))
@@ -178,7 +182,16 @@ Stats = dict[str, dict[str, dict[str, Statistic]]]  # run label → metric → p
 Draws = dict[tuple[str, str], tuple[PromptBootstrap, int]]  # (run label, metric) → its bootstrap and series index
 
 
-def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], result: SetComparison) -> Stats | None:
+def _keys_every_run_has(run: RunData, passes: list[str]) -> list[str]:
+    """The sampling passes (`pass_key`) that every training run behind a column has, in order."""
+    groups = [{run.pass_key(p) for p in group} for group in run.pass_groups(passes)]
+    keys = list(dict.fromkeys(run.pass_key(p) for p in passes))
+    return [k for k in keys if all(k in group for group in groups)]
+
+
+def _statistics(
+    have: Sequence[RunData], set_name: str, columns: dict[str, list[str]], result: SetComparison
+) -> Stats | None:
     """Per-example statistics on the shared examples, or None (with a note) when a generation file is missing or
     nothing is shared.
 
@@ -190,7 +203,7 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
     rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]] = {}
     for run in have:
         rows[run.label] = {}
-        for label in passes:
+        for label in columns[run.label]:
             found = run.pass_rows(set_name, label)
             if found is None:
                 result.notes.append(
@@ -200,14 +213,14 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
                 )
                 return None
             rows[run.label][label] = {row_key(row): row for row in found}
-    first = rows[have[0].label]
-    keys = [k for k in first[passes[0]] if all(k in rows[r.label][p] for r in have for p in passes)]
+    first = rows[have[0].label][columns[have[0].label][0]]
+    keys = [k for k in first if all(k in rows[r.label][p] for r in have for p in columns[r.label])]
     result.examples = len(keys)
     _note_examples(result, rows, len(keys))
     if not keys:
         return None
 
-    judged = {(run.label, p): run.judge_scores(set_name, p) for run in have for p in passes}
+    judged = {(run.label, p): run.judge_scores(set_name, p) for run in have for p in columns[run.label]}
     # The judge has its own subset (the examples judged in both orders): the one every pass of every run has.
     judge_keys = (
         []
@@ -225,8 +238,8 @@ def _statistics(have: Sequence[RunData], set_name: str, passes: list[str], resul
             f"run (of the {len(keys)} shared)."
         )
     stats: Stats = {run.label: {} for run in have}
-    for label in passes:
-        for run in have:
+    for run in have:
+        for label in columns[run.label]:
             picked = [rows[run.label][label][k] for k in keys]
             responses = [str(row.get("response", "")) for row in picked]
             per = stats[run.label]

@@ -112,8 +112,8 @@ def _title(row: MetricRow | ValueRow) -> str:
     return f"{row.title} {arrow}" if arrow else row.title
 
 
-def _set_title(s: SetComparison) -> str:
-    size = f"{len(s.passes)} pass{'es' if len(s.passes) != 1 else ''}"
+def _set_title(s: SetComparison, arms: bool = False) -> str:
+    size = f"{len(s.passes)} pass{'es' if len(s.passes) != 1 else ''}" + (" of every run" if arms else "")
     if s.examples is not None:
         size += f" × {s.examples} examples"
     return f"eval · {s.set} ({s.mode}) · {size}"
@@ -178,7 +178,7 @@ def _training_table(comparison: Comparison) -> Table:
 
 
 def _eval_table(comparison: Comparison, s: SetComparison) -> Table:
-    table = Table(title=escape(_set_title(s)), header_style="bold", title_justify="left")
+    table = Table(title=escape(_set_title(s, bool(comparison.arms))), header_style="bold", title_justify="left")
     table.add_column("metric", style="cyan", no_wrap=True)
     for label in comparison.runs:
         suffix = " (baseline)" if label == comparison.baseline else ""
@@ -267,7 +267,7 @@ def to_markdown(comparison: Comparison) -> str:
     rows = [[_title(r), *[_bold(_number(r.values.get(x)), x in r.best) for x in runs]] for r in comparison.training]
     out.append(_md_table(["", *runs], rows))
     for s in comparison.evaluation:
-        out += ["", f"### {_set_title(s).removeprefix('eval · ')}", ""]
+        out += ["", f"### {_set_title(s, bool(comparison.arms)).removeprefix('eval · ')}", ""]
         rows = []
         for row in s.rows:
             cells = []
@@ -333,7 +333,7 @@ def to_json(comparison: Comparison) -> str:
 
 CSV_COLUMNS = (
     "section", "set", "mode", "key", "direction", "run", "value", "ci95_low", "ci95_high", "ci95_seeds", "seeds",
-    "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "significant", "best",
+    "runs", "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "significant", "best",
 )  # fmt: skip
 
 
@@ -371,6 +371,7 @@ def to_csv(comparison: Comparison) -> str:
                         ci95_high=_csv_number(ci[1]),
                         ci95_seeds=_csv_number(cell.ci95_seeds),
                         seeds=cell.seeds,
+                        runs=cell.runs,
                         delta=_csv_number(cell.delta),
                         delta_ci95_low=_csv_number(delta_ci[0]),
                         delta_ci95_high=_csv_number(delta_ci[1]),

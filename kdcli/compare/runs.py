@@ -52,6 +52,10 @@ class RunData:
         """`passes` split by training run: one group here (an arm has one per run)."""
         return [list(passes)]
 
+    def pass_key(self, label: str) -> str:
+        """The sampling pass a pass label is (`seed-10`), by which columns share passes: the label itself here."""
+        return label
+
     def pass_file(self, set_name: str, label: str) -> str:
         """Where a pass's generations are (for messages)."""
         return str(self.eval_dir / set_name / f"{label}.jsonl")

@@ -170,13 +170,14 @@ class RunSpread:
         included (on these prompts)."""
         return float(np.var(self.observed, ddof=1))
 
-    def noise_variance(self) -> float:
-        """The part of `seed_variance` that per-prompt noise makes, as the prompt bootstrap sees it too. A run's
-        deviation from the arm on a resample, θ*_r − θ̄*, varies only through that noise (a run's own offset is
-        the same on every resample), with variance (1 − 1/R) times it, so it is R/(R − 1) times the mean of
-        those variances."""
+    def noise_variance(self, kept: np.ndarray) -> float:
+        """The part of `seed_variance` that per-prompt noise makes, as the prompt bootstrap sees it too, on the
+        resamples `kept` (a mask). A run's deviation from the arm on a resample, θ*_r − θ̄*, varies only through
+        that noise (a run's own offset is the same on every resample), with variance (1 − 1/R) times it, so it
+        is R/(R − 1) times the mean of those variances."""
         runs = self.runs
-        deviation = self.draws - self.draws.mean(axis=0, keepdims=True)
+        draws = self.draws[:, kept]
+        deviation = draws - draws.mean(axis=0, keepdims=True)
         return runs / (runs - 1) * float(np.mean(np.var(deviation, axis=1, ddof=1)))
 
 
@@ -207,18 +208,22 @@ class PromptBootstrap:
 
         The variance is Σ s²_k / R_k over the arms of several runs (their seed variance, Welch's term) plus what
         the prompt bootstrap of `boot` adds beyond the per-prompt noise those terms already hold (the prompts'
-        own effect; floored at 0), with Welch–Satterthwaite degrees of freedom. None when no draw is finite.
+        own effect; floored at 0), with Welch–Satterthwaite degrees of freedom, all on the resamples where every
+        run's value is a number. None when fewer than two are, or when a run's own value is not a number.
         """
-        finite = boot[np.isfinite(boot)]
-        if finite.size < 2:
+        spreads = [spread for k in dict.fromkeys(arms) if (spread := self._spread(k)) is not None]
+        kept = np.isfinite(boot)
+        for spread in spreads:
+            if not np.all(np.isfinite(spread.observed)):
+                return None
+            kept &= np.all(np.isfinite(spread.draws), axis=0)
+        if int(kept.sum()) < 2 or not math.isfinite(centre):
             return None
-        prompt_part = float(np.var(finite, ddof=1))
+        prompt_part = float(np.var(boot[kept], ddof=1))
         parts: list[tuple[float, float]] = []
-        for k in dict.fromkeys(arms):
-            spread = self._spread(k)
-            if spread is not None:
-                parts.append((spread.seed_variance() / spread.runs, spread.runs - 1))
-                prompt_part -= spread.noise_variance() / spread.runs
+        for spread in spreads:
+            parts.append((spread.seed_variance() / spread.runs, spread.runs - 1))
+            prompt_part -= spread.noise_variance(kept) / spread.runs
         parts.append((max(0.0, prompt_part), max(1, self.prompts - 1)))
         variance = math.fsum(v for v, _ in parts)
         if variance <= 0.0:
