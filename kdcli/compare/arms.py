@@ -6,9 +6,9 @@ its runs, its "seeds ±" is the spread over training seeds, and its intervals an
 variance to the prompts' (`stats.arm_bootstrap`).
 
 An `ArmData` is a `RunData`, so the rest of `kd compare` reads it as it reads a run: its passes are its runs'
-passes, labelled by training seed (`seed-0/seed-10`: training seed 0, sampling seed 10), so that two arms with the
-same training seeds share their passes; its training numbers are the means over its runs; `pass_groups` tells the
-statistics which passes belong to which run.
+passes, labelled by training seed (`seed-0/seed-10`: training seed 0, sampling seed 10); `pass_key` gives the
+sampling pass (`seed-10`) by which columns share passes, and `pass_groups` which passes belong to which run; its
+training numbers are the means over its runs.
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ class ArmData(RunData):
     def folders(self) -> list[RunData]:
         return list(self.members)
 
-    def sets(self) -> dict[str, dict[str, Any]]:
-        """The (set, mode) entries every run of the arm has, their passes relabelled by training seed."""
-        return (self.results or {}).get("sets", {})
-
     def pass_rows(self, set_name: str, label: str) -> list[dict[str, Any]] | None:
         member, own = self.owners[label]
         return member.pass_rows(set_name, own)
@@ -62,7 +58,7 @@ class ArmData(RunData):
 
     def pass_file(self, set_name: str, label: str) -> str:
         member, own = self.owners[label]
-        return str(member.eval_dir / set_name / (own + ".jsonl"))
+        return member.pass_file(set_name, own)
 
 
 def pool_seeds(runs: Sequence[RunData]) -> list[RunData]:
@@ -142,7 +138,8 @@ def _arm(members: list[RunData], seeds: list[Any]) -> ArmData:
 
 
 def _pooled_sets(arm: ArmData, seeds: list[Any]) -> dict[str, dict[str, Any]]:
-    from kdcli.compare.evalset import pass_labels  # evalset reads arms through RunData: import at call time
+    """The (set, mode) entries every run of the arm has, their passes relabelled by training seed."""
+    from kdcli.compare.evalset import sampling_labels  # evalset reads arms through RunData: import at call time
 
     pooled: dict[str, dict[str, Any]] = {}
     names = [name for name in arm.members[0].sets() if all(name in run.sets() for run in arm.members)]
@@ -153,7 +150,7 @@ def _pooled_sets(arm: ArmData, seeds: list[Any]) -> dict[str, dict[str, Any]]:
             labels: list[str] = []
             metrics: dict[str, dict[str, Any]] = {}
             for run, seed, entry in zip(arm.members, seeds, entries, strict=True):
-                for own in pass_labels(entry):
+                for own in sampling_labels(entry):
                     label = f"seed-{seed}{_SEPARATOR}{own}"
                     labels.append(label)
                     arm.owners[label] = (run, own)
@@ -163,7 +160,13 @@ def _pooled_sets(arm: ArmData, seeds: list[Any]) -> dict[str, dict[str, Any]]:
             for values in metrics.values():
                 numbers = [v for v in values["per_seed"].values() if as_number(v) is not None]
                 values["mean"] = math.fsum(numbers) / len(numbers) if numbers else None
-            pooled.setdefault(name, {})[mode] = {**entries[0], "passes": labels, "metrics": metrics}
+            sampling = sampling_labels(entries[0])
+            pooled.setdefault(name, {})[mode] = {
+                **entries[0],
+                "passes": labels,
+                "sampling_passes": sampling,
+                "metrics": metrics,
+            }
     return pooled
 
 

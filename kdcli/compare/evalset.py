@@ -81,8 +81,14 @@ class SetComparison:
 
 
 def pass_labels(entry: dict[str, Any]) -> list[str]:
-    if entry.get("passes"):  # an arm's entry (`arms`) names its passes itself
-        return list(entry["passes"])
+    """A column's pass labels: an arm's entry (`arms`) names its passes itself, a run's are its sampling passes."""
+    return list(entry["passes"]) if entry.get("passes") else sampling_labels(entry)
+
+
+def sampling_labels(entry: dict[str, Any]) -> list[str]:
+    """The passes kd eval wrote for an entry (`seed-10`, ..., or `greedy`); an arm's entry holds its first run's."""
+    if entry.get("sampling_passes"):
+        return list(entry["sampling_passes"])
     if entry.get("mode") == "greedy":
         return ["greedy"]
     if entry.get("seeds"):
@@ -102,7 +108,7 @@ def eval_hint(run: RunData, set_name: str, entry: dict[str, Any]) -> str:
     command = f"kd eval {' '.join(str(f.path) for f in lacking)} --data {set_name}={entry.get('data', set_name)}"
     if mode == "greedy":
         return command + " --greedy"
-    labels = list(dict.fromkeys(label.rsplit("/", 1)[-1] for label in pass_labels(entry)))
+    labels = sampling_labels(entry)
     if tuple(labels) != DEFAULT_SEEDS:
         command += " --seeds " + ",".join(label.removeprefix("seed-") for label in labels)
     return command

@@ -35,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kdcli.compare.student_t import ALPHA, normal_quantile, t_cdf, t_quantile
+from kdcli.compare.student_t import ALPHA, t_cdf, t_quantile
 
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
@@ -228,10 +228,9 @@ class PromptBootstrap:
         variance = math.fsum(v for v, _ in parts)
         if variance <= 0.0:
             return (centre, centre), 0.0, math.inf
-        denominator = math.fsum(v * v / df for v, df in parts)
-        df = variance * variance / denominator if denominator > 0 else math.inf
+        df = variance * variance / math.fsum(v * v / df for v, df in parts)
         se = math.sqrt(variance)
-        half = (t_quantile((1.0 + level) / 2.0, df) if math.isfinite(df) else normal_quantile(level)) * se
+        half = t_quantile((1.0 + level) / 2.0, df) * se
         return (centre - half, centre + half), se, df
 
     def interval(self, k: int, level: float = 1.0 - ALPHA) -> tuple[float, float] | None:
@@ -262,7 +261,7 @@ class PromptBootstrap:
             if se == 0.0:
                 return BootstrapResult(delta, 1.0 if delta == 0.0 else 0.0, self.resamples, interval)
             t = abs(delta) / se
-            p_value = 2.0 * (1.0 - t_cdf(t, df)) if math.isfinite(df) else math.erfc(t / math.sqrt(2.0))
+            p_value = 2.0 * (1.0 - t_cdf(t, df))
             return BootstrapResult(delta, p_value, self.resamples, interval)
         finite = boot[np.isfinite(boot)]
         if not finite.size:

@@ -93,15 +93,3 @@ def mean_ci(values: Sequence[float], level: float = 1.0 - ALPHA) -> MeanCI:
         return MeanCI(mean, None, 1)
     s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     return MeanCI(mean, t_quantile((1.0 + level) / 2.0, n - 1) * s / math.sqrt(n), n)
-
-
-def normal_quantile(level: float) -> float:
-    """The two-sided standard normal quantile for `level` (t with infinite degrees of freedom), by bisection."""
-    lo, hi = 0.0, 10.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if math.erf(mid / math.sqrt(2.0)) < level:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2.0
