@@ -13,7 +13,6 @@ weights and settings; anything else is refused with the difference named, and `-
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,32 +25,10 @@ FORMAT = 1
 RESULTS_FILE = "results.json"
 GENERATION_FILE = "generation.json"
 JUDGE_CACHE_FILE = "judge-cache.jsonl"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of each weight file
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def weights_fingerprint(model: str) -> str | None:
-    """A cheap fingerprint of a local model's weights: name, size and three 1 MiB samples of each weight file.
-
-    Enough to notice that `kd distill --overwrite` replaced a student (every tensor changes), without reading
-    gigabytes; and unlike mtimes it survives copying the run folder. None for Hub ids (not local files).
-    """
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as handle:
-            for offset in (0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)):
-                handle.seek(offset)
-                digest.update(handle.read(_SAMPLE))
-    return digest.hexdigest()
 
 
 def read_json(path: Path, fix: str = "Pass --force to regenerate.") -> dict[str, Any] | None:

@@ -33,13 +33,12 @@ from kdcli.evaluation.results import (
     now,
     record_pass,
     update_results,
-    weights_fingerprint,
     write_jsonl,
 )
 from kdcli.evaluation.sets import EvalSet, load_eval_set, parse_data_arg, set_name
 from kdcli.evaluation.targets import Target, resolve_target
 from kdcli.hardware import Runtime, check_device_spec, resolve_device, resolve_precision, saved_precision
-from kdcli.models import GenerationSettings, read_generations
+from kdcli.models import GenerationSettings, read_generations, weights_fingerprint
 from kdcli.recipe.schema import DataFields
 
 if TYPE_CHECKING:

@@ -42,6 +42,7 @@ from kdcli.models.loading import (
     student_config,
     student_tokenizer,
     vocab_fingerprint,
+    weights_fingerprint,
 )
 from kdcli.models.lora import (
     apply_lora,
@@ -100,4 +101,5 @@ __all__ = [
     "student_tokenizer",
     "trainable_for",
     "vocab_fingerprint",
+    "weights_fingerprint",
 ]
