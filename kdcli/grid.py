@@ -30,7 +30,7 @@ from kdcli.errors import KdError
 from kdcli.recipe import Recipe, load_recipe, parse_set
 from kdcli.recipe.load import read_yaml
 from kdcli.recipe.schema import NAME_ALIASES, PLACEHOLDER
-from kdcli.runs import RunFolder, recipe_yaml
+from kdcli.runs import RunFolder
 
 STATES = ("finished", "resume", "restart", "new", "conflict")
 
@@ -139,8 +139,7 @@ def state_of(folder: RunFolder, recipe: Recipe) -> str:
     """What re-running this point does: skip it, resume it, start it over, start it, or leave it alone."""
     if not folder.path.is_dir() or not any(folder.path.iterdir()):
         return "conflict" if folder.path.exists() and not folder.path.is_dir() else "new"
-    ours = folder.recipe_file.is_file() and folder.recipe_file.read_text(encoding="utf-8") == recipe_yaml(recipe)
-    if not ours:
+    if not folder.holds(recipe):
         return "conflict"  # another recipe's run, a run without its recipe, or files kd did not write
     if folder.record_file.is_file():
         return "finished"

@@ -2,14 +2,18 @@
 
 Every command that runs a model (distill, cache-teacher, eval, sequence-level generation) asks this module, so a
 recipe behaves the same in each: `train.device` picks the device (`auto` is the first GPU where there is one) and
-`train.precision: auto` is bf16 exactly where bf16 is native *on that device*.
+`train.precision: auto` is bf16 exactly where bf16 is native *on that device*. What a run records of the machine
+and its software (`environment_info`, run.json's `environment`) is here too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 import re
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,3 +160,31 @@ class Runtime:
         import torch
 
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+
+
+def environment_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from kdcli import __version__
+
+    return {
+        "kdcli": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the kd checkout, when kd runs from one (editable install)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import shutil
 import struct
-import subprocess
-import sys
 import types
 import typing
 import warnings
@@ -62,6 +59,8 @@ class RunRecord:
     divergence: str | None = None
     fused_head: bool | None = None  # `loss.fused`: the loss was taken from hidden states, never whole logits
     parameters: dict[str, int] = field(default_factory=dict)  # {"teacher": n, "student": n}
+    # `student.layers: {keep: N, by: ...}`: the kept indices, every layer's score and what they were computed on
+    student_layers: dict[str, Any] | None = None
     steps: int | None = None
     resumed_from: int | None = None
     train_examples: int | None = None
@@ -205,6 +204,20 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.recipe_file, recipe_yaml(recipe))
         return self
+
+    def holds(self, recipe: Recipe) -> bool:
+        """Whether this folder's recipe.yaml is `recipe`'s run: the same text, or the same once the layers kd chose
+        after scoring (`student.layers.indices`) are set aside on both sides."""
+        if not self.recipe_file.is_file():
+            return False
+        text = self.recipe_file.read_text(encoding="utf-8")
+        if text == recipe_yaml(recipe):
+            return True
+        try:
+            saved = Recipe.model_validate(yaml.safe_load(text))
+        except (yaml.YAMLError, ValueError):  # pydantic's ValidationError is a ValueError
+            return False
+        return recipe_yaml(saved.unresolved()) == recipe_yaml(recipe.unresolved())
 
     # --- the record and the metrics
 
@@ -366,34 +379,6 @@ def _first_line(err: Exception) -> str:
 
 def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def environment_info() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    from kdcli import __version__
-
-    return {
-        "kdcli": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "git_commit": git_commit(),
-    }
-
-
-def git_commit() -> str | None:
-    """The commit of the kd checkout, when kd runs from one (editable install)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 class MetricsLog:

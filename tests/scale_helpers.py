@@ -31,9 +31,17 @@ def start_kd(args: list[str], cwd: Path, torchrun: int = 0) -> subprocess.Popen[
     )
 
 
-def run_kd(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_kd(
+    args: list[str], cwd: Path, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`kd ARGS` in a subprocess; `env` adds to (or replaces) kd's environment."""
     return subprocess.run(
-        [sys.executable, "-m", "kdcli", *args], cwd=cwd, env=kd_env(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "kdcli", *args],
+        cwd=cwd,
+        env={**kd_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

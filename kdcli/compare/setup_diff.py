@@ -9,6 +9,9 @@ from typing import Any
 
 # The run's identity, not its setup: the column titles already say it.
 IGNORED_KEYS = frozenset({"name", "output_dir"})
+# Shown whenever a run has them, equal or not: what kd resolved for the run and a reader needs to see (the teacher
+# layers a `student.layers: {keep: N, by: ...}` student kept).
+ALWAYS_SHOWN = frozenset({"student.layers.indices"})
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,9 @@ def format_value(value: Any) -> str:
 
 
 def setup_diff(recipes: Mapping[str, Mapping[str, Any]], order: Sequence[str] | None = None) -> list[SetupRow]:
-    """Rows for the keys where at least two runs differ (a key only some recipes have counts as differing), in the
-    recipe's own key order (teacher, student, data, loss, train), not alphabetically."""
+    """Rows for the keys where at least two runs differ (a key only some recipes have counts as differing), and for
+    those in `ALWAYS_SHOWN`, in the recipe's own key order (teacher, student, data, loss, train), not
+    alphabetically."""
     labels = list(order or recipes)
     flat = {label: flatten(recipes[label]) for label in labels}
     keys: list[str] = []
@@ -53,7 +57,7 @@ def setup_diff(recipes: Mapping[str, Mapping[str, Any]], order: Sequence[str] | 
     rows = []
     for key in keys:
         present = [flat[label].get(key, _ABSENT) for label in labels]
-        if any(value != present[0] for value in present[1:]):
+        if key in ALWAYS_SHOWN or any(value != present[0] for value in present[1:]):
             texts = [None if v is _ABSENT else format_value(v) for v in present]
             rows.append(SetupRow(key, dict(zip(labels, texts, strict=True))))
     return rows

@@ -13,17 +13,19 @@ import os
 import signal
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from kdcli.errors import KdError
 from kdcli.recipe import Recipe
 from kdcli.recipe.schema import DeepSpeedConfig
+
+T = TypeVar("T")
 
 # The keys DeepSpeed owns that kd's recipe already decides; a raw config may repeat them only with equal values.
 OPTIMIZER_KEYS = ("optimizer", "scheduler")
@@ -211,6 +213,15 @@ def all_reduce_sum(values: list[float], device: torch.device | None = None) -> l
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def on_main_then_shared(compute: Callable[[], T]) -> T:
+    """`compute()` on rank 0, its result sent to every rank (pickled); just `compute()` in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute()
+    box: list[Any] = [compute() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

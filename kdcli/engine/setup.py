@@ -18,7 +18,7 @@ import torch
 
 from kdcli.data import Collator, build_examples, read_split
 from kdcli.durable import disk_errors
-from kdcli.engine.distributed import World, init_deepspeed
+from kdcli.engine.distributed import World, init_deepspeed, on_main_then_shared
 from kdcli.engine.observer import Observer
 from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
 from kdcli.errors import KdError
@@ -37,11 +37,14 @@ from kdcli.models import (
     student_tokenizer,
     trainable_for,
 )
+from kdcli.models.pruning import SCORE_MEANING, LayerScores, layer_scores
 from kdcli.recipe import Recipe
+from kdcli.recipe.student import LayerChoice
 
 
 @dataclass
 class Prepared:
+    recipe: Recipe  # as given, with what set-up resolved: the kept layers of `student.layers: {keep: N, by: ...}`
     teacher: TeacherSource
     student: torch.nn.Module
     tokenizer: Any
@@ -49,6 +52,7 @@ class Prepared:
     train_set: Sequence[Any]
     eval_set: Sequence[Any] | None
     collate: Callable[[Sequence[Any]], Batch]
+    layer_choice: dict[str, Any] | None = None  # run.json's record of a scored layer choice
 
 
 def runtime_for(recipe: Recipe, world: World, ds_config: dict[str, Any] | None) -> Runtime:
@@ -72,7 +76,7 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
     stream from the cache. With `student.init: teacher` the teacher's weights are then read once to cut the student
     and dropped at once."""
     if recipe.teacher.cache:
-        return _prepare_cached(recipe, observer)
+        return _prepare_cached(recipe, runtime, observer)
     if recipe.data.responses == "teacher":
         raise KdError(
             "data.responses: `teacher` trains on responses the teacher generated, which `kd cache-teacher` writes. "
@@ -92,12 +96,14 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
 
     observer.message(f"Loading teacher {recipe.teacher.model}")
     teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
+    collate = Collator(tokenizer.pad_token_id)
+    recipe, choice = choose_layers(recipe, teacher_model, train_set, runtime, observer)
     student = _student(recipe, observer, teacher_model)
     teacher = OnlineTeacher(teacher_model, runtime, width, recipe.teacher.model)
-    return Prepared(teacher, student, tokenizer, width, train_set, eval_set, Collator(tokenizer.pad_token_id))
+    return Prepared(recipe, teacher, student, tokenizer, width, train_set, eval_set, collate, choice)
 
 
-def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
+def _prepare_cached(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
     from kdcli.cache import open_for_training, read_manifest_for
 
     root, manifest = read_manifest_for(recipe, observer.message)
@@ -106,8 +112,79 @@ def _prepare_cached(recipe: Recipe, observer: Observer) -> Prepared:
     if recipe.student.lora:
         trainable_for(config, recipe.student.lora)
     cache = open_for_training(recipe, root, manifest, tokenizer, int(config.get_text_config().vocab_size))
-    student = _student(recipe, observer, None)
-    return Prepared(cache.teacher, student, tokenizer, cache.width, cache.train_set, cache.eval_set, cache.collate)
+    teacher_model, choice = None, None
+    if _unscored(recipe):  # the teacher is read anyway to cut the student: it scores its layers first
+        observer.message(f"Loading teacher {recipe.teacher.model} to choose the student's layers")
+        # fp32, as `build_student` reads the teacher to cut a student without one
+        teacher_model = load_teacher(recipe.teacher, torch.float32)
+        fp32 = Runtime(runtime.device, "fp32")
+        recipe, choice = choose_layers(recipe, teacher_model, cache.train_set, fp32, observer)
+    student = _student(recipe, observer, teacher_model)
+    del teacher_model
+    return Prepared(
+        recipe, cache.teacher, student, tokenizer, cache.width, cache.train_set, cache.eval_set, cache.collate, choice
+    )
+
+
+def _unscored(recipe: Recipe) -> bool:
+    layers = recipe.student.layers
+    return recipe.student.init == "teacher" and isinstance(layers, LayerChoice) and layers.indices is None
+
+
+def choose_layers(
+    recipe: Recipe, teacher: Any, train_set: Sequence[Any], runtime: Runtime, observer: Observer
+) -> tuple[Recipe, dict[str, Any] | None]:
+    """Resolve `student.layers: {keep: N, by: ...}`: score the teacher's layers on the first training examples
+    (or read the scores a run with the same teacher and data stored), print them, and return the recipe with the
+    kept indices filled in, and run.json's record of the choice. Other recipes come back as they are.
+
+    Under a launcher, rank 0 scores and every rank takes its indices, so that no two ranks build different
+    students."""
+    if not _unscored(recipe):
+        return recipe, None
+    choice = recipe.student.layers
+    assert isinstance(choice, LayerChoice)
+    examples = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in train_set[: choice.examples]]
+
+    def score() -> LayerScores:
+        where = runtime.device
+        if where.type != "cpu":
+            teacher.to(where)  # `place_teacher` puts it there anyway (ZeRO-3 inference excepted)
+        try:
+            return layer_scores(
+                teacher,
+                recipe.teacher.model,
+                examples,
+                Collator(0),
+                choice.by,
+                runtime,
+                batch_size=recipe.train.eval_batch_size,
+            )
+        finally:
+            if recipe.deepspeed and recipe.deepspeed.teacher_zero3:
+                teacher.to("cpu")  # ZeRO-3 partitions it from the host
+
+    observer.message(f"Choosing {choice.keep} teacher layers by {choice.by}, on the first {len(examples)} examples")
+    scores = on_main_then_shared(score)
+    kept = scores.top(choice.keep)
+    for line in score_lines(scores, kept):
+        observer.message(line)
+    resolved = recipe.model_copy(deep=True)
+    resolved.student.layers = choice.model_copy(update={"indices": kept})
+    return resolved, scores.record(choice.keep)
+
+
+def score_lines(scores: LayerScores, kept: list[int], per_line: int = 10) -> list[str]:
+    """The scores as kd prints them: a header, the layers ten to a line (a kept one starred), the kept indices."""
+    where = "read from an earlier run" if scores.reused else f"computed in {scores.seconds:.0f} s"
+    lines = [
+        f"Layer scores ({scores.by}: {SCORE_MEANING[scores.by]}; higher matters more), over {scores.positions} "
+        f"positions of {scores.examples} examples, {where}:"
+    ]
+    cells = [f"{i:>3}{'*' if i in kept else ' '} {value:8.4f}" for i, value in enumerate(scores.scores)]
+    lines += ["  " + "  ".join(cells[i : i + per_line]) for i in range(0, len(cells), per_line)]
+    lines.append(f"Keeping {len(kept)} of {len(scores.scores)} layers (*): {kept}")
+    return lines
 
 
 def _student(recipe: Recipe, observer: Observer, teacher: Any) -> torch.nn.Module:

@@ -31,10 +31,10 @@ from kdcli.engine.loop import Session
 from kdcli.engine.observer import Observer, SilentObserver
 from kdcli.engine.setup import prepare, runtime_for, save_student, seed_everything
 from kdcli.engine.state import TrainingState
-from kdcli.hardware import Runtime
+from kdcli.hardware import Runtime, environment_info
 from kdcli.models import count_parameters, count_trainable
 from kdcli.recipe import Recipe
-from kdcli.runs import MetricsLog, RunFolder, RunRecord, environment_info
+from kdcli.runs import MetricsLog, RunFolder, RunRecord
 
 DEEPSPEED_FILE = "deepspeed.json"  # the resolved DeepSpeed config, as the run used it
 
@@ -88,6 +88,7 @@ def _distill(
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     parts = prepare(recipe, runtime, observer)
+    recipe = parts.recipe  # with the layers it chose, for the run folder's recipe.yaml
     session = Session.start(recipe, parts, runtime, world, ds_config)
 
     if world.is_main:
@@ -239,6 +240,7 @@ def _record(
         divergence=recipe.loss.divergence,
         fused_head=session.heads.student is not None,
         parameters=_parameters(session),
+        student_layers=parts.layer_choice,
         steps=session.total_steps,
         resumed_from=start_step or None,
         train_examples=len(parts.train_set),

@@ -6,7 +6,6 @@ tokenizer family) becomes a one-line KdError naming the recipe field, before any
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -17,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import KdError, did_you_mean
 from kdcli.models.builtin import Message, builtin_model_dir, ensure_pad_token, is_builtin
+from kdcli.models.layers import kept_layers, num_layers_key, per_layer_keys, pruned_config, pruned_copy
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-    from kdcli.recipe.schema import StudentConfig, TeacherConfig
+    from kdcli.recipe.schema import TeacherConfig
+    from kdcli.recipe.student import StudentConfig
 
 # Reads a model spec's config, called as `read(spec, field=...)`: `load_config`, or `kd plan`'s weight-free reader.
 ConfigReader = Callable[..., "PretrainedConfig"]
@@ -150,85 +151,6 @@ def load_teacher(cfg: TeacherConfig, dtype: torch.dtype, *, on_message: Message 
     return model
 
 
-def _num_layers_key(config: PretrainedConfig) -> str:
-    """The real `to_dict` key for the layer count (GPT-2 stores `n_layer` and maps `num_hidden_layers` onto it)."""
-    return config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
-
-
-def _per_layer_keys(config_dict: dict[str, Any], n_layers: int) -> list[str]:
-    """Config entries holding one value per layer, e.g. transformers 5's `layer_types` or SmolLM3's
-    `no_rope_layers`: they must shrink with the layer count or the config fails validation."""
-    return [
-        key
-        for key, value in config_dict.items()
-        if "layer" in key and isinstance(value, list | tuple) and len(value) == n_layers
-    ]
-
-
-def _decoder_layers_name(model: PreTrainedModel) -> str:
-    from torch import nn
-
-    n_layers = model.config.get_text_config().num_hidden_layers
-    for name, module in model.named_modules():
-        if name and isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return name
-    raise KdError(
-        f"student.init: teacher: cannot find the decoder layers of {type(model).__name__}; "
-        "use `init: pretrained` or `init: random`."
-    )
-
-
-def _kept_layers(layers: str | list[int], n_layers: int) -> list[int]:
-    if layers == "all":
-        return list(range(n_layers))
-    if layers == "every-other":
-        return list(range(0, n_layers, 2))
-    assert isinstance(layers, list)
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise KdError(
-            f"student.layers: index {bad[0]} is out of range; the teacher has {n_layers} layers (0..{n_layers - 1})."
-        )
-    return list(layers)
-
-
-def _pruned_config(config: PretrainedConfig, kept: list[int]) -> PretrainedConfig:
-    """`config` cut to the layers `kept`, per-layer entries included."""
-    n_layers = config.num_hidden_layers
-    config_dict = config.to_dict()
-    for key in _per_layer_keys(config_dict, n_layers):
-        config_dict[key] = [config_dict[key][i] for i in kept]
-    config_dict[_num_layers_key(config)] = len(kept)
-    return type(config).from_dict(config_dict)
-
-
-def _pruned_copy(teacher: PreTrainedModel, kept: list[int], dtype: torch.dtype) -> PreTrainedModel:
-    """A fresh model with the teacher's config cut to `kept` layers, and the teacher's weights copied in.
-
-    Building a new model (rather than deep-copying the teacher and dropping layers) gives attention modules
-    `layer_idx` 0..k-1 by construction, so the KV cache works for generation, and a clean training state
-    (no frozen flags, hooks or eval mode inherited from the teacher).
-    """
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_config(_pruned_config(teacher.config, kept), dtype=dtype)
-
-    prefix = _decoder_layers_name(teacher) + "."
-    new_index = {old: new for new, old in enumerate(kept)}
-    state: dict[str, Any] = {}
-    for key, tensor in teacher.state_dict().items():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix) :].split(".", 1)
-            if int(index) not in new_index:
-                continue
-            key = f"{prefix}{new_index[int(index)]}.{rest}"
-        state[key] = tensor
-    # load_state_dict copies into the student's own parameters: nothing is shared with the frozen teacher.
-    student.load_state_dict(state, strict=True)
-    student.generation_config = copy.deepcopy(teacher.generation_config)
-    return student
-
-
 def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> PretrainedConfig:
     if not overrides:
         return config
@@ -241,10 +163,10 @@ def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> Pre
                 f"{did_you_mean(key, valid)}"
             )
     changes = {config.attribute_map.get(k, k): v for k, v in overrides.items()}
-    n_key = _num_layers_key(config)
+    n_key = num_layers_key(config)
     old_layers = config_dict.get(n_key)
     if n_key in changes and changes[n_key] != old_layers and isinstance(old_layers, int):
-        for key in _per_layer_keys(config_dict, old_layers):
+        for key in per_layer_keys(config_dict, old_layers):
             if key in changes:
                 continue
             values = config_dict[key]
@@ -292,9 +214,9 @@ def student_config(
     if cfg.init == "random":
         base = read(cfg.model, field="student.model") if cfg.model else teacher_config()
         return _apply_overrides(base, cfg.overrides)
-    # init: teacher — the same layer cut `_pruned_copy` makes, on the config only.
+    # init: teacher — the same layer cut `pruned_copy` makes, on the config only.
     config = teacher_config()
-    return _pruned_config(config, _kept_layers(cfg.layers, config.num_hidden_layers))
+    return pruned_config(config, kept_layers(cfg.layers, config.num_hidden_layers))
 
 
 def student_tokenizer(
@@ -329,8 +251,10 @@ def build_student(
     elif cfg.init == "teacher":
         if teacher is None:
             teacher = load_model(teacher_spec, dtype, field="teacher.model", on_message=on_message)
-        kept = _kept_layers(cfg.layers, teacher.config.num_hidden_layers)
-        student = _pruned_copy(teacher, kept, dtype)
+        if getattr(cfg.layers, "indices", False) is None:
+            raise KdError("student.layers: the layers to keep are not chosen yet; kd distill scores them first.")
+        kept = kept_layers(cfg.layers, teacher.config.num_hidden_layers)
+        student = pruned_copy(teacher, kept, dtype)
     else:
         source, field = (cfg.model, "student.model") if cfg.model else (teacher_spec, "teacher.model")
         config = _apply_overrides(load_config(source, field=field, on_message=on_message), cfg.overrides)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from kdcli.recipe.schema import LoraConfig
+    from kdcli.recipe.student import LoraConfig
 
 ADAPTER = "default"  # peft's name for the one adapter kd trains
 _PREFIX = "base_model.model."  # what `get_peft_model` puts before the base model's own keys

@@ -5,18 +5,18 @@ from kdcli.recipe.schema import (
     BUILTIN_DATA,
     BUILTIN_MODEL,
     DataConfig,
-    LoraConfig,
     LossConfig,
     Recipe,
-    StudentConfig,
     TeacherConfig,
     TrainConfig,
 )
+from kdcli.recipe.student import LayerChoice, LoraConfig, StudentConfig
 
 __all__ = [
     "BUILTIN_DATA",
     "BUILTIN_MODEL",
     "DataConfig",
+    "LayerChoice",
     "LoraConfig",
     "LossConfig",
     "Recipe",

@@ -21,11 +21,23 @@ def reference_rows(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tu
             rows.extend(reference_rows(annotation, prefix=f"{key}."))
             continue
         rows.append((key, _default(field), field.description or ""))
-        # An optional section (`deepspeed: null` unless given) still lists its keys, with their defaults once set.
-        sections = [arg for arg in get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        # An optional section (`deepspeed: null` unless given) still lists its keys, with their defaults once set;
+        # so does one form of a key that takes several (`student.layers: {keep: N, by: loss}`).
+        sections = _sections(annotation)
         if len(sections) == 1:
             rows.extend(reference_rows(sections[0], prefix=f"{key}."))
     return rows
+
+
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    """The sections among a union's members, through `Annotated[...]` wrappers (a discriminated union's tags)."""
+    found: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            found.append(arg)
+        elif get_args(arg):
+            found.extend(_sections(arg))
+    return found
 
 
 def reference_markdown() -> str:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_va
 
 from kdcli.recipe.optional import CacheConfig, DeepSpeedConfig, GenerationConfig, OnPolicyConfig
 from kdcli.recipe.section import Section
+from kdcli.recipe.student import LayerChoice, StudentConfig
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 BUILTIN_DATA = "builtin:starter"
@@ -32,76 +33,6 @@ class TeacherConfig(Section):
             "the teacher (see `docs/cache.md`)."
         ),
     )
-
-
-class LoraConfig(Section):
-    r: int = Field(16, ge=1, description="LoRA rank: each adapted weight W gains B·A with A r×in and B out×r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is (alpha / r)·B·A.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during training.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        description=(
-            "Names of the student's linear layers that get adapters (the last part of the module name, e.g. "
-            "`q_proj`, `k_proj`, `o_proj`, `up_proj`); checked against the student before training."
-        ),
-    )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets_are_named(cls, targets: list[str]) -> list[str]:
-        if not targets:
-            raise ValueError("name at least one module, e.g. [q_proj, v_proj]")
-        if len(set(targets)) != len(targets):
-            raise ValueError("list each module once")
-        return targets
-
-
-class StudentConfig(Section):
-    init: Literal["pretrained", "teacher", "random"] = Field(
-        "teacher",
-        description=(
-            "`pretrained`: load `model` as it is. `teacher`: a layer-pruned copy of the teacher (see `layers`). "
-            "`random`: fresh weights from the config of `model` (default: the teacher's) with `overrides`."
-        ),
-    )
-    model: str | None = Field(
-        None, description="Hugging Face id, local folder or builtin model. Required for `init: pretrained`."
-    )
-    layers: Literal["every-other", "all"] | list[int] = Field(
-        "every-other",
-        description="With `init: teacher`: `every-other` (layers 0, 2, 4, ...), `all`, or a list of layer indices.",
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="With `init: random`: config fields to change, e.g. `{num_hidden_layers: 4, hidden_size: 256}`.",
-    )
-    lora: LoraConfig | None = Field(
-        None,
-        description=(
-            "Train LoRA adapters (through `peft`) instead of every weight, on any `init`: e.g. "
-            "`{r: 16, alpha: 32, target_modules: [q_proj, v_proj]}`. The run saves `student/` merged and `adapter/`."
-        ),
-    )
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_are_sorted_unique(cls, layers: Any) -> Any:
-        if isinstance(layers, list):
-            if not layers:
-                raise ValueError("give at least one layer index")
-            if any(i < 0 for i in layers):
-                raise ValueError("layer indices start at 0")
-            if sorted(set(layers)) != layers:
-                raise ValueError("list layer indices in increasing order, without repeats")
-        return layers
-
-    @model_validator(mode="after")
-    def _init_has_what_it_needs(self) -> StudentConfig:
-        if self.init == "pretrained" and not self.model:
-            raise ValueError("`init: pretrained` needs `student.model` (a Hugging Face id, folder or builtin)")
-        if self.init != "random" and self.overrides:
-            raise ValueError("`student.overrides` applies only with `init: random`")
-        return self
 
 
 class DataFields(Section):
@@ -338,6 +269,16 @@ class Recipe(Section):
         if name != self.name:
             object.__setattr__(self, "name", name)
         return self
+
+    def unresolved(self) -> Recipe:
+        """The recipe as a user wrote it: without the kept layers kd filled into `student.layers` after scoring
+        (a grid point and its finished run are the same recipe)."""
+        layers = self.student.layers
+        if not isinstance(layers, LayerChoice) or layers.indices is None:
+            return self
+        copy = self.model_copy(deep=True)
+        copy.student.layers = layers.unresolved()
+        return copy
 
     def _key_value(self, key: str) -> Any:
         """The value of a name placeholder: a recipe key by its dotted path (or a short alias)."""
