@@ -181,6 +181,16 @@ def test_setup_diff_shows_only_differing_keys_dotted() -> None:
     assert setup_diff({"a": a, "a2": recipe("a2")}) == []
 
 
+def test_setup_diff_always_shows_the_layers_kd_chose() -> None:
+    chosen = {"keep": 2, "by": "loss", "examples": 8, "indices": [0, 3]}
+    a, b = recipe("a", student__layers=chosen), recipe("b", student__layers=chosen, train__lr=2e-4)
+    rows = {row.key: row.values for row in setup_diff({"a": a, "b": b})}
+    assert rows == {
+        "student.layers.indices": {"a": "[0, 3]", "b": "[0, 3]"},
+        "train.lr": {"a": "0.0001", "b": "0.0002"},
+    }
+
+
 # --- the comparison ---------------------------------------------------------------------------------------------
 
 
@@ -191,7 +201,7 @@ def test_compare_numbers_against_hand_computation(two_runs: tuple[Path, Path]) -
     (starter,) = comparison.evaluation
     assert starter.passes == ["seed-10", "seed-20", "seed-30"] and starter.examples == 30
     rows = {row.metric: row for row in starter.rows}
-    assert list(rows) == ["rougeL", "exact_match", "distinct_1", "distinct_2", "length"]
+    assert list(rows) == ["rougeL", "exact_match", "distinct_1", "distinct_2", "length", "stop_rate"]
     # Length: mean tokens per pass, then the spread over the three passes, mean ± t·s/√n, checked against scipy;
     # and the interval over prompts, checked against the normal approximation over the 30 per-prompt means.
     per_prompt = {}

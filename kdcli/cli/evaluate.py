@@ -88,6 +88,14 @@ def eval_(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Regenerate passes that already exist.")] = False,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines",
+            help="Also score two answers that need no model: the prompt copied, and a fixed string of the set's most "
+            "frequent reference words. A student that does not beat the second is not yet a model (docs/eval.md).",
+        ),
+    ] = False,
     judge: Annotated[
         str | None, typer.Option("--judge", help="LLM judge: gpt4 (the OpenAI chat API).", show_default=False)
     ] = None,
@@ -102,8 +110,8 @@ def eval_(
     judge_timeout: JudgeTimeoutOpt = 120.0,
     report_to: ReportToOpt = None,
 ) -> None:
-    """Generate with a student (or any model), score ROUGE-L, exact match, length and distinct-n over seeds,
-    and optionally judge the answers against the references with an LLM."""
+    """Generate with a student (or any model), score ROUGE-L, exact match, length, stop rate and distinct-n over
+    seeds, and optionally judge the answers against the references with an LLM."""
     from transformers.utils import logging as hf_logging
 
     from kdcli.evaluation import EvalOptions, JudgeSettings, expand_targets, resolve_target, run_eval
@@ -152,6 +160,7 @@ def eval_(
                 timeout=judge_timeout,
             ),
             judge_dry_run=judge_dry_run,
+            baselines=baselines,
         )
         observer = RichEvalObserver(console)
         try:

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdcli.compare.ranking import HIGHER, NONE, as_number, best_runs
+from kdcli.compare.references import REFERENCE_PASS, mark_below_references, reference_sources
 from kdcli.compare.runs import RunData
 from kdcli.compare.stats import (
-    DistinctStat,
-    MeanStat,
     PromptBootstrap,
     RatioStat,
     Statistic,
     arm_bootstrap,
     observed,
+    pass_statistics,
 )
 from kdcli.compare.student_t import mean_ci
 
@@ -35,6 +35,7 @@ EVAL_METRICS = (
     ("distinct_1", "distinct-1", HIGHER, "{:.3f}"),
     ("distinct_2", "distinct-2", HIGHER, "{:.3f}"),
     ("length", "length (tokens)", NONE, "{:.1f}"),
+    ("stop_rate", "stop rate", NONE, "{:.2f}"),
     ("judge", "judge", HIGHER, "{:.1f}"),
 )
 DEFAULT_SEEDS = ("seed-10", "seed-20", "seed-30", "seed-40", "seed-50")
@@ -58,6 +59,9 @@ class MetricCell:
     p_value: float | None = None  # paired bootstrap over prompts, two-sided
     significant: bool | None = None  # p < 0.05
     best: bool = False
+    # ROUGE-L only: the answers written without a model (`kd eval --baselines`) this run does not beat, the 95 %
+    # interval of its ROUGE-L minus theirs not above 0 (their means, where no interval can be drawn)
+    not_above: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +82,9 @@ class SetComparison:
     rows: list[MetricRow]
     notes: list[str] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)  # run label → the kd eval command that fills it
+    # Columns after the runs' for the answers written without a model (`kd eval --baselines`), by title: rows'
+    # cells hold them under these labels.
+    references: list[str] = field(default_factory=list)
 
 
 def pass_labels(entry: dict[str, Any]) -> list[str]:
@@ -143,8 +150,10 @@ def compare_set(
             + f"; left out: {unused}."
         )
     _note_settings(result, entries)
-    statistics = _statistics(have, set_name, columns, result) if shared else None
+    references = reference_sources(have, entries)
+    statistics = _statistics(have, set_name, columns, result, references) if shared else None
     groups = {run.label: run.pass_groups(columns[run.label]) for run in have}
+    groups.update({title: [[REFERENCE_PASS]] for title in result.references})
     draws = _bootstrap(statistics, groups, resamples, seed) if statistics is not None else {}
 
     present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
@@ -162,6 +171,12 @@ def compare_set(
                     spread = mean_ci([math.fsum(v) / len(v) for v in per_run if v])
                     cell.mean, cell.ci95_seeds, cell.runs = spread.mean, spread.half_width, spread.n
                 row.cells[run.label] = cell
+        for title in result.references:
+            assert statistics is not None  # a reference column is only added beside statistics
+            stat = statistics[title].get(key, {}).get(REFERENCE_PASS)
+            if stat is not None:
+                found = draws.get((title, key))
+                row.cells[title] = MetricCell(observed(stat), found[0].interval(found[1]) if found else None, None, 1)
         result.rows.append(row)
     judged = [label for label, entry in entries.items() if "judge" in entry.get("metrics", {})]
     if judged and len(judged) < len(entries):
@@ -175,8 +190,14 @@ def compare_set(
         _test_against_baseline(result, draws, baseline)
     elif baseline not in entries and len(have) > 1:
         result.notes.append(f"{set_name}: the baseline {baseline} has no {mode} eval on it, so no deltas are given.")
+    if result.references:
+        mark_below_references(result, draws)
     for row in result.rows:
-        means = {k: cell.mean for k, cell in row.cells.items() if cell is not None and not math.isnan(cell.mean)}
+        means = {
+            k: cell.mean
+            for k, cell in row.cells.items()
+            if cell is not None and not math.isnan(cell.mean) and k not in result.references
+        }
         for label in best_runs(means, row.direction) if len(means) > 1 else []:
             cell = row.cells[label]
             assert cell is not None
@@ -196,7 +217,11 @@ def _keys_every_run_has(run: RunData, passes: list[str]) -> list[str]:
 
 
 def _statistics(
-    have: Sequence[RunData], set_name: str, columns: dict[str, list[str]], result: SetComparison
+    have: Sequence[RunData],
+    set_name: str,
+    columns: dict[str, list[str]],
+    result: SetComparison,
+    references: dict[str, tuple[RunData, str]] | None = None,
 ) -> Stats | None:
     """Per-example statistics on the shared examples, or None (with a note) when a generation file is missing or
     nothing is shared.
@@ -204,8 +229,6 @@ def _statistics(
     The examples are those every pass of every run has, in one order (the first run's first pass), so that
     position i is the same prompt in every statistic and one count vector over prompts resamples them all.
     """
-    from kdcli.evaluation.metrics import exact_match, references_of, rouge_l, words
-
     rows: dict[str, dict[str, dict[tuple[int, str], dict[str, Any]]]] = {}
     for run in have:
         rows[run.label] = {}
@@ -246,23 +269,24 @@ def _statistics(
     stats: Stats = {run.label: {} for run in have}
     for run in have:
         for label in columns[run.label]:
-            picked = [rows[run.label][label][k] for k in keys]
-            responses = [str(row.get("response", "")) for row in picked]
             per = stats[run.label]
-            per.setdefault("rougeL", {})[label] = MeanStat(
-                [rouge_l(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
-            )
-            per.setdefault("exact_match", {})[label] = MeanStat(
-                [exact_match(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
-            )
-            per.setdefault("length", {})[label] = MeanStat([float(row.get("tokens", 0)) for row in picked])
-            tokenised = [words(text) for text in responses]
-            per.setdefault("distinct_1", {})[label] = DistinctStat(tokenised, 1)
-            per.setdefault("distinct_2", {})[label] = DistinctStat(tokenised, 2)
+            for metric, stat in pass_statistics([rows[run.label][label][k] for k in keys]).items():
+                per.setdefault(metric, {})[label] = stat
             scores = judged[(run.label, label)]
             if scores is not None and judge_keys:
                 pairs = [scores[k[0]] for k in judge_keys]
                 per.setdefault("judge", {})[label] = RatioStat([m for m, _ in pairs], [r for _, r in pairs])
+    for title, (source, label) in (references or {}).items():
+        found = {row_key(row): row for row in source.pass_rows(set_name, label) or []}
+        if not all(k in found for k in keys):
+            result.notes.append(
+                f"{set_name}: {source.pass_file(set_name, label)} lacks some of the compared examples, so the "
+                f"'{title}' column is left out; re-run `kd eval {source.path} --baselines` to rewrite it."
+            )
+            continue
+        answer = pass_statistics([found[k] for k in keys])
+        stats[title] = {metric: {REFERENCE_PASS: stat} for metric, stat in answer.items()}
+        result.references.append(title)
     return stats
 
 
@@ -341,7 +365,9 @@ def _test_against_baseline(result: SetComparison, draws: Draws, baseline: str) -
         base = draws.get((baseline, row.metric))
         for label, cell in row.cells.items():
             mine = draws.get((label, row.metric))
-            if label == baseline or cell is None or base is None or mine is None or mine[0] is not base[0]:
+            if label == baseline or label in result.references or cell is None or base is None or mine is None:
+                continue
+            if mine[0] is not base[0]:
                 continue
             test = mine[0].paired(base[1], mine[1])
             if test is not None:

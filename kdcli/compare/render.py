@@ -23,6 +23,7 @@ from kdcli.compare.ranking import HIGHER, LOWER
 FORMATS = ("table", "markdown", "json", "csv")
 MISSING = "—"
 BEST = "★"
+BELOW = "not above:"  # a run's ROUGE-L does not beat an answer written without a model
 ARROWS = {HIGHER: "↑", LOWER: "↓"}
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -183,9 +184,11 @@ def _eval_table(comparison: Comparison, s: SetComparison) -> Table:
     for label in comparison.runs:
         suffix = " (baseline)" if label == comparison.baseline else ""
         table.add_column(escape(label + suffix), justify="right")
+    for title in s.references:
+        table.add_column(escape(title), justify="right", style="dim")
     for row in s.rows:
         cells: list[Text | str] = []
-        for label in comparison.runs:
+        for label in [*comparison.runs, *s.references]:
             cell = row.cells.get(label)
             if cell is None:
                 cells.append(Text(MISSING, style="dim"))
@@ -199,9 +202,17 @@ def _eval_table(comparison: Comparison, s: SetComparison) -> Table:
             delta = _delta_text(cell, row.format)
             if delta is not None:
                 text.append("\n" + delta, style="bold" if cell.significant else "dim")
+            below = _below_text(cell)
+            if below is not None:
+                text.append("\n" + below, style="bold red")
             cells.append(text)
         table.add_row(_title(row), *cells)
     return table
+
+
+def _below_text(cell: MetricCell) -> str | None:
+    """The answers written without a model that this run does not beat (ROUGE-L)."""
+    return f"{BELOW} " + ", ".join(cell.not_above) if cell.not_above else None
 
 
 def _h2h_table(comparison: Comparison) -> Table:
@@ -271,18 +282,19 @@ def to_markdown(comparison: Comparison) -> str:
         rows = []
         for row in s.rows:
             cells = []
-            for label in runs:
+            for label in [*runs, *s.references]:
                 cell = row.cells.get(label)
                 if cell is None:
                     cells.append(MISSING)
                     continue
                 text = _bold(_mean_text(cell, row.format), cell.best)
-                extra = [t for t in (_seeds_text(cell, row.format), _delta_text(cell, row.format)) if t is not None]
+                parts = (_seeds_text(cell, row.format), _delta_text(cell, row.format), _below_text(cell))
+                extra = [t for t in parts if t is not None]
                 # A bare "*" would start emphasis in Markdown.
                 detail = "; ".join(extra).replace("*", chr(92) + "*")
                 cells.append(f"{text} ({detail})" if detail else text)
             rows.append([_title(row), *cells])
-        header = ["metric", *[x + (" (baseline)" if x == comparison.baseline else "") for x in runs]]
+        header = ["metric", *[x + (" (baseline)" if x == comparison.baseline else "") for x in runs], *s.references]
         out.append(_md_table(header, rows))
     if comparison.head_to_head:
         out += ["", "### Head-to-head judge", ""]
@@ -333,7 +345,7 @@ def to_json(comparison: Comparison) -> str:
 
 CSV_COLUMNS = (
     "section", "set", "mode", "key", "direction", "run", "value", "ci95_low", "ci95_high", "ci95_seeds", "seeds",
-    "runs", "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "significant", "best",
+    "runs", "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "significant", "best", "not_above",
 )  # fmt: skip
 
 
@@ -359,7 +371,7 @@ def to_csv(comparison: Comparison) -> str:
             )
     for s in comparison.evaluation:
         for mrow in s.rows:
-            for label in comparison.runs:
+            for label in [*comparison.runs, *s.references]:
                 cell = mrow.cells.get(label)
                 base = {"section": "evaluation", "set": s.set, "mode": s.mode, "key": mrow.metric, "run": label}
                 base["direction"] = mrow.direction
@@ -378,6 +390,7 @@ def to_csv(comparison: Comparison) -> str:
                         p_value=_csv_number(cell.p_value),
                         significant="" if cell.significant is None else cell.significant,
                         best=cell.best,
+                        not_above="; ".join(cell.not_above),
                     )
                 writer.writerow(base)
     for h in comparison.head_to_head:

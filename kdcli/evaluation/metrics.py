@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-METRICS = ("rougeL", "exact_match", "length", "distinct_1", "distinct_2")
+from kdcli.models.generation import STOPPED_AT_EOS
+
+METRICS = ("rougeL", "exact_match", "length", "stop_rate", "distinct_1", "distinct_2")
 _PUNCTUATION = frozenset(string.punctuation)
 # distinct-n counts words and punctuation marks as separate tokens, lower-cased: "Yes!" and "yes !" are the same.
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -69,18 +71,28 @@ def distinct_n(texts: Iterable[str], n: int) -> float:
 
 
 def score_pass(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The metrics of one generation pass. Rows need `response`, `reference` (text or list) and `tokens`."""
+    """The metrics of one generation pass. Rows need `response`, `reference` (text or list) and `tokens`; the stop
+    rate is given where every row says how it ended (`stopped`)."""
     if not rows:
         return dict.fromkeys(METRICS, 0.0)
     responses = [str(row["response"]) for row in rows]
     refs = [references_of(row) for row in rows]
-    return {
+    scores = {
         "rougeL": _mean(rouge_l(r, ref) for r, ref in zip(responses, refs, strict=True)),
         "exact_match": _mean(exact_match(r, ref) for r, ref in zip(responses, refs, strict=True)),
         "length": _mean(float(row["tokens"]) for row in rows),
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
     }
+    if all(row.get("stopped") is not None for row in rows):  # a model's pass; a baseline generated nothing
+        scores["stop_rate"] = stop_rate(rows)
+    return {metric: scores[metric] for metric in METRICS if metric in scores}
+
+
+def stop_rate(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The share of answers that ended with EOS before `max_new_tokens`, in [0, 1]. A student that is not yet a
+    model runs on to the cap: the teacher of the quickstart stops in about two answers of three at 128 tokens."""
+    return _mean(1.0 if row.get("stopped") == STOPPED_AT_EOS else 0.0 for row in rows)
 
 
 def references_of(row: Mapping[str, Any]) -> list[str]:

@@ -11,11 +11,14 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from kdcli.evaluation.baselines import BASELINES
+
 # (key in metrics, row title, format): the papers' number first.
 COLUMNS = (
     ("rougeL", "ROUGE-L", "{:.2f}"),
     ("exact_match", "EM", "{:.1f}"),
     ("length", "length", "{:.1f}"),
+    ("stop_rate", "stop rate", "{:.2f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("judge", "judge", "{:.1f}"),
@@ -111,6 +114,11 @@ def _cell(metric: dict[str, Any] | None, fmt: str) -> str:
     return text
 
 
+def _baseline_cell(entry: dict[str, Any], name: str) -> str:
+    baseline = (entry.get("baselines") or {}).get(name)
+    return "—" if not baseline else f"{baseline['metrics']['rougeL']:.2f}"
+
+
 def results_table(results: dict[str, Any]) -> Table:
     """The sets evaluated in this run, one column each; a row per metric, mean ± std over the seeds."""
     target = results.get("target", {})
@@ -123,6 +131,10 @@ def results_table(results: dict[str, Any]) -> Table:
     for key, title, fmt in COLUMNS:
         if any(key in entry["metrics"] for _, _, entry in shown):
             table.add_row(title, *[_cell(entry["metrics"].get(key), fmt) for _, _, entry in shown])
+    for name in BASELINES:  # `--baselines`: what answers written without a model score on the same prompts
+        if any(name in (entry.get("baselines") or {}) for _, _, entry in shown):
+            cells = [_baseline_cell(entry, name) for _, _, entry in shown]
+            table.add_row(f"ROUGE-L, {BASELINES[name][1]} (no model)", *cells, style="dim")
     speeds = [entry["generation"].get("tokens_per_s") for _, _, entry in shown]
     if any(speeds):
         table.add_row("tokens/s", *[f"{v:.0f}" if v else "—" for v in speeds], style="dim")

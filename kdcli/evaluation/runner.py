@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from kdcli.errors import KdError
+from kdcli.evaluation.baselines import baseline_entry, baseline_rows
 from kdcli.evaluation.generate import generate_pass, pass_file, pass_label
 from kdcli.evaluation.judge import (
     JudgeClient,
@@ -28,9 +29,11 @@ from kdcli.evaluation.metrics import aggregate, mean_std, score_pass
 from kdcli.evaluation.observer import EvalObserver, SilentEvalObserver
 from kdcli.evaluation.results import (
     JUDGE_CACHE_FILE,
+    RESULTS_FILE,
     check_generation,
     delete_pass,
     now,
+    read_json,
     record_pass,
     update_results,
     write_jsonl,
@@ -66,6 +69,7 @@ class EvalOptions:
     judge: str | None = None
     judge_settings: JudgeSettings = field(default_factory=JudgeSettings)
     judge_dry_run: bool = False
+    baselines: bool = False  # also score the answers that need no model (`evaluation.baselines`)
 
 
 @dataclass
@@ -147,6 +151,8 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
 
         judge_entry = _judge_set(judging, eval_set, set_dir, rows_by_pass, per_pass, observer) if judging else None
         entry = _set_entry(eval_set, mode, passes, settings, record, per_pass, judge_entry)
+        if opts.baselines or _had_baselines(target.eval_dir, eval_set.name, mode):  # kept up to date once asked for
+            entry["baselines"] = _baselines(eval_set, set_dir, tokenizer)
         results = update_results(target.eval_dir, target.describe(), eval_set.name, mode, entry)
 
     if judging is not None and judging.client is None:
@@ -281,6 +287,29 @@ def _judge_set(
         "failed_verdicts": sum(m["failed_verdicts"] for m in judged.values()),
         "excluded_examples": sum(m["excluded_examples"] for m in judged.values()),
     }
+
+
+def _had_baselines(eval_dir: Path, set_name: str, mode: str) -> bool:
+    try:
+        results = read_json(eval_dir / RESULTS_FILE) or {}
+    except KdError:
+        return False  # a damaged results.json is rebuilt by update_results, which names it
+    entry = ((results.get("sets") or {}).get(set_name) or {}).get(mode)
+    return isinstance(entry, dict) and bool(entry.get("baselines"))
+
+
+def _baselines(eval_set: EvalSet, set_dir: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Write each model-free answer's pass file beside the model's and return its results.json entry."""
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    entries: dict[str, Any] = {}
+    for name, rows in baseline_rows(eval_set.items, count_tokens).items():
+        entry = baseline_entry(name, rows)
+        write_jsonl(set_dir / f"{entry['label']}.jsonl", rows)
+        entries[name] = entry
+    return entries
 
 
 def _dry_estimate(judging: _Judging) -> dict[str, Any]:

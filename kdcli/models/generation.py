@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 # A prompt is text (formatted as training formats it: template or chat turn) or its token ids, taken as given.
 Prompt = str | Sequence[int]
-Stop = Literal["eos", "max_new_tokens"]
+Stop = Literal["eos", "max_new_tokens"]  # how an answer ended: by itself, or cut at max_new_tokens
+STOPPED_AT_EOS: Stop = "eos"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Generation:
     @property
     def generated(self) -> int:
         """Tokens the model produced for this response: the stop token counts, it was generated too."""
-        return len(self.ids) + (self.stopped == "eos")
+        return len(self.ids) + (self.stopped == STOPPED_AT_EOS)
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def generate_batch(
         cut = next((k for k, t in enumerate(ids) if t in plan.stops), None)
         kept = ids if cut is None else ids[:cut]
         text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-        stopped: Stop = "eos" if cut is not None else "max_new_tokens"
+        stopped: Stop = STOPPED_AT_EOS if cut is not None else "max_new_tokens"
         out.append(Generation(kept, text, stopped, None if cut is None else ids[cut]))
     return out
 
