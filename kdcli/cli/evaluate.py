@@ -226,10 +226,19 @@ def compare(
             ),
         ),
     ] = False,
+    adjust: Annotated[
+        str,
+        typer.Option(
+            "--adjust",
+            help="holm, bonferroni or none: adjust each eval table's p-values for the number of tests it shows, "
+            "so that its stars keep a 0.05 chance of any false one (docs/compare.md).",
+        ),
+    ] = "holm",
     report_to: ReportToOpt = None,
 ) -> None:
     """Compare runs: the recipe keys that differ, training numbers, eval metrics with 95% intervals over prompts
-    (and the spread over seeds), and deltas against a baseline with paired prompt-level bootstrap p-values."""
+    (and the spread over seeds), and deltas against a baseline with paired prompt-level bootstrap p-values,
+    adjusted for the number of tests in each table."""
     from kdcli.compare.cli import run_compare
     from kdcli.ui import console
 
@@ -251,6 +260,7 @@ def compare(
             judge_retries=judge_retries,
             judge_timeout=judge_timeout,
             pool_seeds=pool_seeds,
+            adjust=adjust,
         )
         if loggers and base is not None:
             from kdcli.compare.render import to_markdown

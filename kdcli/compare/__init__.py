@@ -15,7 +15,8 @@ lazily), `head_to_head` (the pairwise judge).
 
 from kdcli.compare.core import Comparison, HeadToHead, ValueRow, compare_runs
 from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
-from kdcli.compare.render import FORMATS, print_table, render_text, rich_view, sparkline, to_csv, to_json, to_markdown
+from kdcli.compare.export import FORMATS, render_text, to_csv, to_json
+from kdcli.compare.render import print_table, rich_view, sparkline, to_markdown
 from kdcli.compare.runs import RunData, load_run, load_runs
 from kdcli.compare.setup_diff import SetupRow, flatten, setup_diff
 from kdcli.compare.stats import PromptBootstrap, arm_bootstrap, paired_bootstrap, prompt_bootstrap

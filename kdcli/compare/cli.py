@@ -9,7 +9,9 @@ import typer
 from rich.console import Console
 
 from kdcli.compare.core import Comparison, compare_runs
-from kdcli.compare.render import FORMATS, print_table, render_text
+from kdcli.compare.export import FORMATS, render_text
+from kdcli.compare.multiple import ADJUSTMENTS, DEFAULT_ADJUSTMENT
+from kdcli.compare.render import print_table
 from kdcli.compare.runs import load_runs
 from kdcli.errors import KdError
 
@@ -31,10 +33,13 @@ def run_compare(
     judge_timeout: float = 120.0,
     api_key: str | None = None,
     pool_seeds: bool = False,
+    adjust: str = DEFAULT_ADJUSTMENT,
 ) -> Comparison:
     """Compare, print, plot; the comparison is returned (for `--report-to`)."""
     if fmt not in FORMATS:
         raise KdError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}.")
+    if adjust not in ADJUSTMENTS:
+        raise KdError(f"--adjust: '{adjust}' is not one of {', '.join(ADJUSTMENTS)}.")
     if resamples < 100:
         raise KdError(f"--resamples: at least 100 (got {resamples}); 10000 gives p-values to about ±0.005.")
     if judge_max_examples is not None and judge_max_examples < 1:
@@ -73,7 +78,7 @@ def run_compare(
         settings = JudgeSettings(judge_model, judge_url, judge_concurrency, judge_retries, timeout=judge_timeout)
         base_run = next(r for r in loaded if r.label == (base_label or loaded[0].label))
         client = judge_client(judge, settings, base_run, api_key)
-    comparison = compare_runs(loaded, base_label, resamples=resamples)
+    comparison = compare_runs(loaded, base_label, resamples=resamples, adjust=adjust)
     if client is not None:
         from kdcli.compare.head_to_head import head_to_head
 

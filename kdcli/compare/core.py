@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kdcli.compare.evalset import SetComparison, compare_set, eval_hint
+from kdcli.compare.multiple import DEFAULT_ADJUSTMENT
 from kdcli.compare.ranking import HIGHER, LOWER, NONE, as_number, best_runs
 from kdcli.compare.runs import RunData
 from kdcli.compare.setup_diff import SetupRow, setup_diff
@@ -75,8 +76,10 @@ def compare_runs(
     *,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    adjust: str = DEFAULT_ADJUSTMENT,
 ) -> Comparison:
-    """Compare `runs` (the baseline is the first unless named by label)."""
+    """Compare `runs` (the baseline is the first unless named by label); each eval table's p-values are adjusted
+    for their number by `adjust` (`multiple.ADJUSTMENTS`)."""
     labels = [run.label for run in runs]
     base = baseline or labels[0]
     if base not in labels:
@@ -101,7 +104,7 @@ def compare_runs(
     for run in runs:
         keys.extend((name, mode) for name, modes in run.sets().items() for mode in modes if (name, mode) not in keys)
     for name, mode in keys:
-        comparison.evaluation.append(compare_set(runs, base, name, mode, resamples=resamples, seed=seed))
+        comparison.evaluation.append(compare_set(runs, base, name, mode, resamples=resamples, seed=seed, adjust=adjust))
     lone = [run.label for run in runs if len(run.folders()) == 1]
     if comparison.arms and lone:
         comparison.notes.append(

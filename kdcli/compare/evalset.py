@@ -15,18 +15,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdcli.compare.multiple import DEFAULT_ADJUSTMENT, adjust_p_values
+from kdcli.compare.per_example import pass_statistics
 from kdcli.compare.ranking import HIGHER, NONE, as_number, best_runs
 from kdcli.compare.references import REFERENCE_PASS, mark_below_references, reference_sources
 from kdcli.compare.runs import RunData
 from kdcli.compare.stats import (
+    Bounds,
     PromptBootstrap,
     RatioStat,
     Statistic,
     arm_bootstrap,
     observed,
-    pass_statistics,
 )
-from kdcli.compare.student_t import mean_ci
+from kdcli.compare.student_t import ALPHA, mean_ci
 
 # (key, title, better direction, format). Length has no better direction: shorter is not better, nor longer.
 EVAL_METRICS = (
@@ -38,6 +40,8 @@ EVAL_METRICS = (
     ("stop_rate", "stop rate", NONE, "{:.2f}"),
     ("judge", "judge", HIGHER, "{:.1f}"),
 )
+# Metrics that live in [0, 1]: their intervals are taken on the logit scale, so that they stay inside.
+BOUNDED: dict[str, Bounds] = {"distinct_1": (0.0, 1.0), "distinct_2": (0.0, 1.0), "stop_rate": (0.0, 1.0)}
 DEFAULT_SEEDS = ("seed-10", "seed-20", "seed-30", "seed-40", "seed-50")
 
 
@@ -56,8 +60,9 @@ class MetricCell:
     runs: int = 1
     delta: float | None = None  # against the baseline
     delta_ci95: tuple[float, float] | None = None  # (low, high) of the delta, from the same paired bootstrap
-    p_value: float | None = None  # paired bootstrap over prompts, two-sided
-    significant: bool | None = None  # p < 0.05
+    p_value: float | None = None  # paired bootstrap over prompts, two-sided, as tested; NaN: identical, no test
+    p_adjusted: float | None = None  # p_value adjusted for the table's number of tests (`--adjust`)
+    significant: bool | None = None  # p_adjusted < 0.05
     best: bool = False
     # ROUGE-L only: the answers written without a model (`kd eval --baselines`) this run does not beat, the 95 %
     # interval of its ROUGE-L minus theirs not above 0 (their means, where no interval can be drawn)
@@ -85,6 +90,8 @@ class SetComparison:
     # Columns after the runs' for the answers written without a model (`kd eval --baselines`), by title: rows'
     # cells hold them under these labels.
     references: list[str] = field(default_factory=list)
+    adjust: str = DEFAULT_ADJUSTMENT  # how the table's p-values are adjusted for their number (`multiple`)
+    tests: int = 0  # the p-values the table shows: the number they are adjusted for
 
 
 def pass_labels(entry: dict[str, Any]) -> list[str]:
@@ -122,11 +129,18 @@ def eval_hint(run: RunData, set_name: str, entry: dict[str, Any]) -> str:
 
 
 def compare_set(
-    runs: Sequence[RunData], baseline: str, set_name: str, mode: str, *, resamples: int, seed: int
+    runs: Sequence[RunData],
+    baseline: str,
+    set_name: str,
+    mode: str,
+    *,
+    resamples: int,
+    seed: int,
+    adjust: str = DEFAULT_ADJUSTMENT,
 ) -> SetComparison:
     have = [run for run in runs if mode in run.sets().get(set_name, {})]
     entries = {run.label: run.sets()[set_name][mode] for run in have}
-    result = SetComparison(set_name, mode, [], None, [])
+    result = SetComparison(set_name, mode, [], None, [], adjust=adjust)
     some_entry = entries[have[0].label]
     for run in runs:
         if run.label not in entries:
@@ -164,7 +178,7 @@ def compare_set(
             if values:
                 ci = mean_ci(values)
                 found = draws.get((run.label, key))
-                interval = found[0].interval(found[1]) if found else None
+                interval = found[0].interval(found[1], bounds=BOUNDED.get(key)) if found else None
                 cell = MetricCell(ci.mean, interval, ci.half_width, ci.n)
                 if len(groups[run.label]) > 1:  # an arm: the mean and its spread are over its runs
                     per_run = [_per_pass_values(run, entries[run.label], key, g, statistics) for g in groups[run.label]]
@@ -176,7 +190,8 @@ def compare_set(
             stat = statistics[title].get(key, {}).get(REFERENCE_PASS)
             if stat is not None:
                 found = draws.get((title, key))
-                row.cells[title] = MetricCell(observed(stat), found[0].interval(found[1]) if found else None, None, 1)
+                interval = found[0].interval(found[1], bounds=BOUNDED.get(key)) if found else None
+                row.cells[title] = MetricCell(observed(stat), interval, None, 1)
         result.rows.append(row)
     judged = [label for label, entry in entries.items() if "judge" in entry.get("metrics", {})]
     if judged and len(judged) < len(entries):
@@ -188,6 +203,7 @@ def compare_set(
                 )
     if statistics is not None and baseline in entries:
         _test_against_baseline(result, draws, baseline)
+        _adjust_for_the_table(result)
     elif baseline not in entries and len(have) > 1:
         result.notes.append(f"{set_name}: the baseline {baseline} has no {mode} eval on it, so no deltas are given.")
     if result.references:
@@ -372,7 +388,21 @@ def _test_against_baseline(result: SetComparison, draws: Draws, baseline: str) -
             test = mine[0].paired(base[1], mine[1])
             if test is not None:
                 cell.delta, cell.delta_ci95 = test.delta, test.ci95
-                cell.p_value, cell.significant = test.p_value, test.significant
+                cell.p_value = cell.p_adjusted = test.p_value
+                cell.significant = test.significant
+
+
+def _adjust_for_the_table(result: SetComparison) -> None:
+    """Adjust every p-value the table shows for how many it shows (`--adjust`); a star is then p_adjusted < 0.05."""
+    cells = [
+        cell for row in result.rows for cell in row.cells.values() if cell is not None and cell.p_value is not None
+    ]
+    tested = [cell.p_value for cell in cells if cell.p_value is not None]
+    adjusted = adjust_p_values(tested, result.adjust)
+    result.tests = sum(1 for p in tested if not math.isnan(p))
+    for cell, p_adjusted in zip(cells, adjusted, strict=True):
+        cell.p_adjusted = p_adjusted
+        cell.significant = p_adjusted < ALPHA  # False for NaN: nothing was tested
 
 
 def _note_settings(result: SetComparison, entries: dict[str, dict[str, Any]]) -> None:

@@ -1,12 +1,9 @@
-"""Rendering a `Comparison`: rich tables for the terminal, Markdown for a README or paper, JSON and CSV for
-machines. Nothing is computed here beyond formatting."""
+"""Rendering a `Comparison` for people: rich tables for the terminal, Markdown for a README or paper (`export` has
+JSON and CSV for machines). Nothing is computed here beyond formatting."""
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +17,6 @@ from kdcli.compare.core import Comparison, ValueRow
 from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
 from kdcli.compare.ranking import HIGHER, LOWER
 
-FORMATS = ("table", "markdown", "json", "csv")
 MISSING = "—"
 BEST = "★"
 BELOW = "not above:"  # a run's ROUGE-L does not beat an answer written without a model
@@ -41,8 +37,9 @@ def legend(comparison: Comparison) -> str:
         "mean over seeds [95% CI over prompts: percentile bootstrap, the prompts resampled once per draw for every "
         "seed] · seeds ±: 95% Student t interval over the per-seed values (seed-to-seed spread only; none with one "
         f"seed) · Δ run − baseline {comparison.baseline} [95% CI, same bootstrap] · p: two-sided paired bootstrap "
-        f"over prompts (one resample for both runs and every seed; {comparison.resamples:,} resamples) · "
-        f"* p < 0.05, n.s. not significant · {BEST} best · ↑ higher is better, ↓ lower is better, no arrow: neither"
+        f"over prompts (one resample for both runs and every seed; {comparison.resamples:,} resamples), adjusted "
+        f"for the number of tests in its table as that table's footer says · * p < 0.05, n.s. not significant · "
+        f"{BEST} best · ↑ higher is better, ↓ lower is better, no arrow: neither"
     )
 
 
@@ -103,9 +100,25 @@ def _delta_text(cell: MetricCell, fmt: str) -> str | None:
     text = f"Δ {_signed(cell.delta, fmt)}"
     if cell.delta_ci95 is not None:
         text += f" [{_signed(cell.delta_ci95[0], fmt)}, {_signed(cell.delta_ci95[1], fmt)}]"
-    if cell.p_value is not None:
-        text += f" {_p(cell.p_value)} " + ("*" if cell.significant else "n.s.")
+    if cell.p_value is not None and math.isnan(cell.p_value):
+        text += " p n/a (identical in every run)"
+    elif cell.p_value is not None:
+        shown = cell.p_adjusted if cell.p_adjusted is not None else cell.p_value
+        text += f" {_p(shown)} " + ("*" if cell.significant else "n.s.")
     return text
+
+
+def adjustment_note(s: SetComparison) -> str | None:
+    """The footer of an eval table: how its p-values were adjusted for their number."""
+    if not s.tests:
+        return None
+    if s.adjust == "none":
+        return f"p-values as tested, not adjusted for the {s.tests} tests of this table (--adjust none)."
+    name = {"holm": "Holm", "bonferroni": "Bonferroni"}.get(s.adjust, s.adjust)
+    return (
+        f"p-values {name}-adjusted for the {s.tests} tests of this table (--adjust {s.adjust}): a star keeps the "
+        "chance of any false star in the table at 0.05 or below; the intervals are not adjusted."
+    )
 
 
 def _title(row: MetricRow | ValueRow) -> str:
@@ -133,7 +146,7 @@ def rich_view(comparison: Comparison) -> Group:
     parts.extend(_eval_table(comparison, s) for s in comparison.evaluation)
     if comparison.head_to_head:
         parts.append(_h2h_table(comparison))
-    notes = _notes(comparison)
+    notes = notes_of(comparison)
     if notes:
         parts.append(Text("notes", style="bold"))
         parts.extend(Text(f"• {note}", style="yellow") for note in notes)
@@ -179,7 +192,14 @@ def _training_table(comparison: Comparison) -> Table:
 
 
 def _eval_table(comparison: Comparison, s: SetComparison) -> Table:
-    table = Table(title=escape(_set_title(s, bool(comparison.arms))), header_style="bold", title_justify="left")
+    note = adjustment_note(s)
+    table = Table(
+        title=escape(_set_title(s, bool(comparison.arms))),
+        header_style="bold",
+        title_justify="left",
+        caption=escape(note) if note else None,
+        caption_justify="left",
+    )
     table.add_column("metric", style="cyan", no_wrap=True)
     for label in comparison.runs:
         suffix = " (baseline)" if label == comparison.baseline else ""
@@ -232,7 +252,7 @@ def _h2h_table(comparison: Comparison) -> Table:
     return table
 
 
-def _notes(comparison: Comparison) -> list[str]:
+def notes_of(comparison: Comparison) -> list[str]:
     notes = list(comparison.notes)
     for s in comparison.evaluation:
         notes.extend(s.notes)
@@ -296,6 +316,9 @@ def to_markdown(comparison: Comparison) -> str:
             rows.append([_title(row), *cells])
         header = ["metric", *[x + (" (baseline)" if x == comparison.baseline else "") for x in runs], *s.references]
         out.append(_md_table(header, rows))
+        note = adjustment_note(s)
+        if note:
+            out += ["", f"_{note}_"]
     if comparison.head_to_head:
         out += ["", "### Head-to-head judge", ""]
         out.append(
@@ -315,99 +338,8 @@ def to_markdown(comparison: Comparison) -> str:
                 ],
             )
         )
-    notes = _notes(comparison)
+    notes = notes_of(comparison)
     if notes:
         out += ["", *[f"- {note}" for note in notes]]
     out += ["", f"_{legend(comparison).replace('*', chr(92) + '*')}; best in bold._", ""]
     return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------------------------ json, csv
-
-
-def _clean(value: Any) -> Any:
-    """NaN and infinities are not JSON: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def to_json(comparison: Comparison) -> str:
-    data = comparison.as_dict()
-    data["legend"] = legend(comparison)
-    data["all_notes"] = _notes(comparison)
-    return json.dumps(_clean(data), indent=2, ensure_ascii=False) + "\n"
-
-
-CSV_COLUMNS = (
-    "section", "set", "mode", "key", "direction", "run", "value", "ci95_low", "ci95_high", "ci95_seeds", "seeds",
-    "runs", "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "significant", "best", "not_above",
-)  # fmt: skip
-
-
-def to_csv(comparison: Comparison) -> str:
-    """One long table: a row per (section, set, key, run); empty cells where a column does not apply."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in comparison.setup:
-        for label in comparison.runs:
-            writer.writerow({"section": "setup", "key": row.key, "run": label, "value": row.values[label] or ""})
-    for vrow in comparison.training:
-        for label in comparison.runs:
-            writer.writerow(
-                {
-                    "section": "training",
-                    "key": vrow.key,
-                    "direction": vrow.direction,
-                    "run": label,
-                    "value": _csv_number(vrow.values.get(label)),
-                    "best": label in vrow.best,
-                }
-            )
-    for s in comparison.evaluation:
-        for mrow in s.rows:
-            for label in [*comparison.runs, *s.references]:
-                cell = mrow.cells.get(label)
-                base = {"section": "evaluation", "set": s.set, "mode": s.mode, "key": mrow.metric, "run": label}
-                base["direction"] = mrow.direction
-                if cell is not None:
-                    ci, delta_ci = cell.ci95 or (None, None), cell.delta_ci95 or (None, None)
-                    base.update(
-                        value=_csv_number(cell.mean),
-                        ci95_low=_csv_number(ci[0]),
-                        ci95_high=_csv_number(ci[1]),
-                        ci95_seeds=_csv_number(cell.ci95_seeds),
-                        seeds=cell.seeds,
-                        runs=cell.runs,
-                        delta=_csv_number(cell.delta),
-                        delta_ci95_low=_csv_number(delta_ci[0]),
-                        delta_ci95_high=_csv_number(delta_ci[1]),
-                        p_value=_csv_number(cell.p_value),
-                        significant="" if cell.significant is None else cell.significant,
-                        best=cell.best,
-                        not_above="; ".join(cell.not_above),
-                    )
-                writer.writerow(base)
-    for h in comparison.head_to_head:
-        for key in ("wins", "ties", "losses", "pairs", "excluded"):
-            writer.writerow(
-                {"section": "head_to_head", "set": h.set, "mode": h.mode, "key": key, "run": h.run,
-                 "value": getattr(h, key)}
-            )  # fmt: skip
-    return buffer.getvalue()
-
-
-def _csv_number(value: float | None) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
-
-
-def render_text(comparison: Comparison, fmt: str) -> str:
-    """The comparison as Markdown, JSON or CSV text."""
-    if fmt not in FORMATS or fmt == "table":
-        raise ValueError(f"not a text format: {fmt}")
-    return {"markdown": to_markdown, "json": to_json, "csv": to_csv}[fmt](comparison)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -115,27 +115,6 @@ class DistinctStat:
         return np.where(total > 0, unique / np.where(total > 0, total, 1.0), 0.0)
 
 
-def pass_statistics(picked: Sequence[dict[str, Any]]) -> dict[str, Statistic]:
-    """Each metric of one pass as a statistic over its examples (kd eval's own metric functions)."""
-    from kdcli.evaluation.metrics import exact_match, references_of, rouge_l, words
-    from kdcli.models.generation import STOPPED_AT_EOS
-
-    responses = [str(row.get("response", "")) for row in picked]
-    tokenised = [words(text) for text in responses]
-    out: dict[str, Statistic] = {
-        "rougeL": MeanStat([rouge_l(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]),
-        "exact_match": MeanStat(
-            [exact_match(text, references_of(row)) for text, row in zip(responses, picked, strict=True)]
-        ),
-        "length": MeanStat([float(row.get("tokens", 0)) for row in picked]),
-        "distinct_1": DistinctStat(tokenised, 1),
-        "distinct_2": DistinctStat(tokenised, 2),
-    }
-    if all(row.get("stopped") is not None for row in picked):  # answers a model generated; a baseline's did not stop
-        out["stop_rate"] = MeanStat([1.0 if row.get("stopped") == STOPPED_AT_EOS else 0.0 for row in picked])
-    return out
-
-
 def observed(stat: Statistic) -> float:
     return float(stat(np.ones((1, stat.size)))[0])
 
@@ -143,8 +122,23 @@ def observed(stat: Statistic) -> float:
 # ------------------------------------------------------------------------------------------------ bootstrap
 
 
+Bounds = tuple[float, float]  # a metric that lives in [low, high]: distinct-n and the stop rate in [0, 1]
+_EDGE = 1e-9  # how close to a bound a value may come on the logit scale
+
+
+def _to_logit(x: np.ndarray | float, bounds: Bounds) -> np.ndarray:
+    low, high = bounds
+    u = np.clip((np.asarray(x, dtype=np.float64) - low) / (high - low), _EDGE, 1.0 - _EDGE)
+    return np.log(u) - np.log1p(-u)
+
+
+def _from_logit(z: np.ndarray | float, bounds: Bounds) -> float:
+    low, high = bounds
+    return float(low + (high - low) / (1.0 + np.exp(-np.asarray(z, dtype=np.float64))))
+
+
 def percentile_interval(
-    draws: np.ndarray, centre: float | None = None, level: float = 1.0 - ALPHA
+    draws: np.ndarray, centre: float | None = None, level: float = 1.0 - ALPHA, bounds: Bounds | None = None
 ) -> tuple[float, float] | None:
     """The central `level` percentile interval of bootstrap draws; None when no draw is finite (NaN draws, a ratio
     with nothing under it, are left out).
@@ -158,6 +152,14 @@ def percentile_interval(
     finite = draws[np.isfinite(draws)]
     if not finite.size:
         return None
+    if bounds is not None:  # the same interval on the logit scale, so that the bias shift keeps it in its bounds
+        if centre is None or not math.isfinite(centre):
+            low, high = np.quantile(finite, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+            return float(low), float(high)
+        logits = _to_logit(finite, bounds)
+        low, high = np.quantile(logits, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+        shift = float(logits.mean() - _to_logit(centre, bounds))
+        return _from_logit(low - shift, bounds), _from_logit(high - shift, bounds)
     low, high = np.quantile(finite, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     shift = 0.0 if centre is None or not math.isfinite(centre) else float(finite.mean()) - centre
     return float(low) - shift, float(high) - shift
@@ -172,7 +174,7 @@ class BootstrapResult:
 
     @property
     def significant(self) -> bool:
-        return self.p_value < ALPHA
+        return self.p_value < ALPHA  # False for NaN: nothing was tested
 
 
 @dataclass(frozen=True)
@@ -254,13 +256,23 @@ class PromptBootstrap:
         half = t_quantile((1.0 + level) / 2.0, df) * se
         return (centre - half, centre + half), se, df
 
-    def interval(self, k: int, level: float = 1.0 - ALPHA) -> tuple[float, float] | None:
+    def interval(self, k: int, level: float = 1.0 - ALPHA, bounds: Bounds | None = None) -> tuple[float, float] | None:
         """Percentile interval of series k over resamples of prompts (bias-centred: `percentile_interval`); for an
-        arm of several runs, the t interval with the between-run variance added."""
+        arm of several runs, the t interval with the between-run variance added. With `bounds`, both are taken on
+        the logit scale (the t interval by the delta method), so they stay inside them."""
+        centre = float(self.observed[k])
         if self._spread(k) is None:
-            return percentile_interval(self.draws[k], float(self.observed[k]), level)
-        found = self._t_interval(float(self.observed[k]), self.draws[k], [k], level)
-        return None if found is None else found[0]
+            return percentile_interval(self.draws[k], centre, level, bounds)
+        found = self._t_interval(centre, self.draws[k], [k], level)
+        if found is None or bounds is None:
+            return None if found is None else found[0]
+        _, se, df = found
+        slope = (centre - bounds[0]) * (bounds[1] - centre) / (bounds[1] - bounds[0])  # d value / d logit
+        if slope <= 0.0 or se == 0.0:
+            return centre, centre
+        half = t_quantile((1.0 + level) / 2.0, df) * se / slope
+        logit = float(_to_logit(centre, bounds))
+        return _from_logit(logit - half, bounds), _from_logit(logit + half, bounds)
 
     def paired(self, base: int, run: int) -> BootstrapResult | None:
         """Two-sided test of series `run` − series `base`, paired through the shared resamples.
@@ -279,14 +291,16 @@ class PromptBootstrap:
             if found is None:
                 return None
             interval, se, df = found
-            if se == 0.0:
-                return BootstrapResult(delta, 1.0 if delta == 0.0 else 0.0, self.resamples, interval)
+            if se == 0.0:  # every run and resample agree: a difference of 0 is no evidence either way
+                return BootstrapResult(delta, math.nan if delta == 0.0 else 0.0, self.resamples, interval)
             t = abs(delta) / se
             p_value = 2.0 * (1.0 - t_cdf(t, df))
             return BootstrapResult(delta, p_value, self.resamples, interval)
         finite = boot[np.isfinite(boot)]
         if not finite.size:
             return None
+        if delta == 0.0 and not finite.any():  # the two series agree on every prompt: nothing to test
+            return BootstrapResult(delta, math.nan, self.resamples, (0.0, 0.0))
         centre = float(finite.mean())
         # A relative tolerance so that resamples as far out as the observed difference up to rounding count.
         extreme = np.abs(finite - centre) >= abs(delta) - 1e-9 * max(1.0, abs(delta))
