@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.durable import write_json
+from kdcli.losses import ProjectedLogits
 from kdcli.models.builtin import kd_home
-from kdcli.models.forward import logits_of
+from kdcli.models.forward import FusedHead, fused_head, logits_of, projected_logits_of
 from kdcli.models.layers import decoder_layers
 from kdcli.models.loading import resolve_model, weights_fingerprint
 
@@ -153,19 +154,31 @@ def loss_scores(model: torch.nn.Module, batches: Sequence[Batch], runtime: Runti
             positions += int((labels != -100).sum())
             outputs.clear()
             with _hooks(layers, keep):
-                whole += _ce_sum(logits_of(model, batch, runtime), labels)
+                whole += _ce_sum(model, batch, runtime)
             for index in range(len(layers)):
                 with _replayed(layers, outputs, index):
-                    skipped[index] += _ce_sum(logits_of(model, batch, runtime), labels)
+                    skipped[index] += _ce_sum(model, batch, runtime)
     n = max(1, positions)
     return [value / n - whole / n for value in skipped.tolist()], positions
 
 
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def _ce_sum(model: torch.nn.Module, batch: Batch, runtime: Runtime) -> float:
+    """The summed CE over the batch's labelled positions. Where the fused head knows the model, only those
+    positions are projected onto the vocabulary (a third of the tokens on the starter data, and the output layer
+    is a third of a small model's forward); elsewhere from the model's whole logits."""
     import torch
 
+    labels = batch["labels"]
+    head = fused_head(model)
+    if isinstance(head, FusedHead):
+        projected = projected_logits_of(head, batch, runtime, int(head.weight.shape[0]))
+        mask = labels != -100
+        logits = ProjectedLogits(projected.hidden[mask], projected.head).materialise()
+        targets = labels[mask]
+    else:
+        logits, targets = logits_of(model, batch, runtime), labels
     flat = logits.reshape(-1, logits.shape[-1]).float()
-    return float(torch.nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum"))
+    return float(torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum"))
 
 
 def _hidden_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
