@@ -79,3 +79,33 @@ def test_without_baselines_there_are_no_reference_columns(runs: tuple[Path, Path
     comparison = compare_runs(load_runs(list(runs)), resamples=500)
     assert comparison.evaluation[0].references == []
     assert all(not cell.not_above for row in comparison.evaluation[0].rows for cell in row.cells.values() if cell)
+
+
+def test_an_eval_folder_is_a_column_beside_the_runs(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """`kd compare runs/a evals/teacher`: the teacher's eval (no recipe, no training) as one more column."""
+    from compare_fixtures import add_eval
+
+    good, salad = runs
+    teacher = tmp_path / "evals" / "teacher"
+    teacher.mkdir(parents=True)
+    add_eval(teacher, quality_answers(0.95, "teacher"), examples=EXAMPLES)
+    # add_eval writes under <folder>/eval, as into a run; an eval folder is that folder itself.
+    for item in (teacher / "eval").iterdir():
+        item.rename(teacher / item.name)
+    (teacher / "eval").rmdir()
+    for pool in (False, True):
+        columns = [good, teacher] if pool else [good, salad, teacher]  # the fixture's two runs share a seed
+        comparison = compare_runs(pool_or_not(load_runs(columns), pool), resamples=500)
+        assert comparison.runs == [p.name for p in columns]
+        assert all("teacher" not in row.values for row in comparison.setup)
+        rouge = next(row for row in comparison.evaluation[0].rows if row.metric == "rougeL")
+        assert rouge.cells["teacher"] is not None and rouge.cells["teacher"].delta is not None
+        train_ce = next(row for row in comparison.training if row.key == "eval_ce")
+        assert train_ce.values["teacher"] is None
+    assert "teacher" in render_text(comparison, "markdown")
+
+
+def pool_or_not(loaded: list, pool: bool) -> list:
+    from kdcli.compare.arms import pool_seeds
+
+    return pool_seeds(loaded) if pool else loaded

@@ -69,7 +69,8 @@ def pool_seeds(runs: Sequence[RunData]) -> list[RunData]:
     """
     groups: dict[str, list[RunData]] = {}
     for run in runs:
-        groups.setdefault(_identity(run), []).append(run)
+        # An eval folder (no recipe, no seed) is a column of its own: the teacher beside the arms, say.
+        groups.setdefault(str(run.path) if run.eval_only else _identity(run), []).append(run)
     arms: list[RunData] = []
     for members in groups.values():
         if len(members) == 1:

@@ -81,6 +81,7 @@ def compare_runs(
     """Compare `runs` (the baseline is the first unless named by label); each eval table's p-values are adjusted
     for their number by `adjust` (`multiple.ADJUSTMENTS`)."""
     labels = [run.label for run in runs]
+    trained = [run.label for run in runs if not run.eval_only]  # eval folders have no recipe to diff
     base = baseline or labels[0]
     if base not in labels:
         raise ValueError(f"baseline {base!r} is not one of the runs")
@@ -88,7 +89,7 @@ def compare_runs(
         runs=labels,
         paths=[str(run.path) for run in runs],
         baseline=base,
-        setup=setup_diff({run.label: run.recipe for run in runs}, labels),
+        setup=setup_diff({run.label: run.recipe for run in runs if not run.eval_only}, trained),
         training=training_rows(runs),
         evaluation=[],
         resamples=resamples,

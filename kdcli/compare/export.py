@@ -46,7 +46,7 @@ def to_csv(comparison: Comparison) -> str:
     writer.writeheader()
     for row in comparison.setup:
         for label in comparison.runs:
-            writer.writerow({"section": "setup", "key": row.key, "run": label, "value": row.values[label] or ""})
+            writer.writerow({"section": "setup", "key": row.key, "run": label, "value": row.values.get(label) or ""})
     for vrow in comparison.training:
         for label in comparison.runs:
             writer.writerow(

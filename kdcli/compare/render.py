@@ -169,7 +169,7 @@ def _setup_table(comparison: Comparison) -> Table | Text:
     for label in comparison.runs:
         table.add_column(escape(label))
     for row in comparison.setup:
-        table.add_row(row.key, *[escape(_text(row.values[label])) for label in comparison.runs])
+        table.add_row(row.key, *[escape(_text(row.values.get(label))) for label in comparison.runs])
     return table
 
 
@@ -290,7 +290,7 @@ def to_markdown(comparison: Comparison) -> str:
     out = [f"## kd compare (baseline: {comparison.baseline})", ""]
     if comparison.setup:
         out += ["### Setup (recipe keys that differ)", ""]
-        setup = [[f"`{r.key}`", *[_text(r.values[x]) for x in runs]] for r in comparison.setup]
+        setup = [[f"`{r.key}`", *[_text(r.values.get(x)) for x in runs]] for r in comparison.setup]
         out.append(_md_table(["key", *runs], setup))
     else:
         out.append("The recipes are identical (name and output_dir aside).")

@@ -33,12 +33,15 @@ class RunData:
     steps: list[dict[str, Any]]  # training lines of metrics.jsonl
     evals: list[dict[str, Any]]  # eval lines of metrics.jsonl
     results: dict[str, Any] | None  # eval/results.json, None before any kd eval
+    # A column that is only an eval folder (`kd eval MODEL --out DIR`, `evals/<name>`): the teacher or any model
+    # beside the runs. It has no recipe and no training; its generations are the folder's own.
+    eval_only: bool = False
     _passes: dict[tuple[str, str], list[dict[str, Any]] | None] = field(default_factory=dict, repr=False)
     _judged: dict[tuple[str, str], dict[int, tuple[float, float]] | None] = field(default_factory=dict, repr=False)
 
     @property
     def eval_dir(self) -> Path:
-        return RunFolder(self.path).eval_dir
+        return self.path if self.eval_only else RunFolder(self.path).eval_dir
 
     def sets(self) -> dict[str, dict[str, Any]]:
         """{set name: {mode: entry}} from results.json."""
@@ -103,10 +106,15 @@ def load_runs(paths: list[Path]) -> list[RunData]:
 def load_run(path: Path) -> RunData:
     path = Path(path)
     if not path.exists():
-        raise KdError(f"{path}: no such folder. Give a run folder written by kd distill (<output_dir>/<name>).")
+        raise KdError(
+            f"{path}: no such folder. Give a run folder written by kd distill (<output_dir>/<name>) or an eval "
+            "folder written by kd eval (evals/<name>)."
+        )
     if not path.is_dir():
         raise KdError(f"{path}: is a file, not a run folder. Give the folder kd distill wrote (<output_dir>/<name>).")
     folder = RunFolder(path)
+    if (path / RESULTS_FILE).is_file() and not folder.recipe_file.exists() and not folder.looks_like_a_run():
+        return _eval_folder(path)
     run = folder.read_record()
     if not folder.recipe_file.is_file():
         raise KdError(
@@ -122,6 +130,13 @@ def load_run(path: Path) -> RunData:
         results = _read_object(results_file, "Delete it: kd eval rebuilds it from the generations, which it reuses.")
         _check_results(results, results_file)
     return RunData(path.name, path, recipe, run, steps, evals, results)
+
+
+def _eval_folder(path: Path) -> RunData:
+    """An eval folder as a column: its results and generations, no recipe, no training record."""
+    results = _read_object(path / RESULTS_FILE, "Delete it: kd eval rebuilds it from the generations, which it reuses.")
+    _check_results(results, path / RESULTS_FILE)
+    return RunData(path.name, path, {}, RunRecord(), [], [], results, eval_only=True)
 
 
 _ENTRY_KEYS = (("metrics", dict, "an object"), ("settings", dict, "an object"), ("seeds", list, "a list"),
