@@ -75,6 +75,23 @@ def test_kd_ratio_mix(kd_ratio: float) -> None:
     close(terms.ce, ce if kd_ratio < 1 else 0.0)
     close(terms.kd, kd if kd_ratio > 0 else 0.0)
     assert (terms.stats.get("valid_positions") == n) == (kd_ratio > 0)
+    # Without gradients (eval) CE is measured whatever its weight: a pure-KD run's eval CE is its real CE, not 0.
+    with torch.no_grad():
+        evaluated = objective(divergence="fkl", kd_ratio=kd_ratio)(s, t, y)
+    close(evaluated.ce, ce)
+    close(evaluated.total, want)
+
+
+def test_a_pure_kd_run_reports_its_real_eval_ce_through_the_fused_head() -> None:
+    from kdcli.losses import OutputLayer, ProjectedLogits
+
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(4, 6, 8, generator=g, dtype=F64), torch.randn(19, 8, generator=g, dtype=F64)
+    _, t, y = make_batch()
+    student = ProjectedLogits(hidden, OutputLayer(weight, 19, F64))
+    with torch.no_grad():
+        terms = objective(divergence="fkl", kd_ratio=1.0)(student, t, y)
+    close(terms.ce, ref_ce(hidden @ weight.t(), y, int((y != -100).sum())))
 
 
 @pytest.mark.parametrize("scale_by_t2", [True, False])

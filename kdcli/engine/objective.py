@@ -70,7 +70,9 @@ class Objective:
                 num_valid=count if count > 0 else None,
             )
             return ObjectiveTerms(total=fused.total, ce=fused.ce, kd=fused.kd, stats=fused.stats)
-        ce = cross_entropy(student_logits, labels, count) if ce_weight > 0.0 else _zero(student_logits)
+        # Without gradients (eval) the cross-entropy is measured whatever its weight: it is what runs are compared by.
+        measure_ce = ce_weight > 0.0 or not torch.is_grad_enabled()
+        ce = cross_entropy(student_logits, labels, count) if measure_ce else _zero(student_logits)
         if kd_ratio > 0.0:
             # An empty window has no count to divide by; the divergence then falls back to this call's own N = 0,
             # which gives its zero loss, zero gradient and zero stats instead of refusing num_valid = 0.

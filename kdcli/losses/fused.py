@@ -66,7 +66,8 @@ def fused_objective(
 ) -> FusedTerms:
     """ce_weight · CE + kd_weight · D from the student's hidden states; gradients flow to them and to the output
     weight. `num_valid` is the denominator of both terms (default: this call's valid positions); with
-    `kd_weight == 0` the teacher is not read, with `ce_weight == 0` no cross-entropy is taken."""
+    `kd_weight == 0` the teacher is not read, with `ce_weight == 0` no cross-entropy is taken while training (it is
+    still measured without gradients)."""
     if not isinstance(student, ProjectedLogits):
         raise LossConfigError(f"the fused head takes ProjectedLogits, got {type(student).__name__}")
     check_inputs(div, student, teacher, labels)
@@ -98,7 +99,9 @@ def _run_fused(
         if weight_grad:
             grad_w = torch.zeros(head.weight.shape, dtype=_grad_dtype(head.weight), device=device)
     ce_total = torch.zeros((), dtype=torch.float64, device=device)
-    with_kd, with_ce = job.kd_weight > 0.0, job.ce_weight > 0.0
+    # Without gradients (eval) the cross-entropy is taken whatever its weight: it is the metric runs are compared
+    # by, and a pure-KD objective (ce_weight 0) would otherwise report an eval CE of 0.
+    with_kd, with_ce = job.kd_weight > 0.0, job.ce_weight > 0.0 or not need_grad
     count = job.num_valid if job.num_valid is not None else float(rows.n)
     div_job = _Job(job.div, job.teacher, job.labels, job.num_valid)
     chunked: DivergencePass | None = None
