@@ -174,8 +174,9 @@ def choose_layers(
     return resolved, scores.record(choice.keep)
 
 
-def score_lines(scores: LayerScores, kept: list[int], per_line: int = 10) -> list[str]:
-    """The scores as kd prints them: a header, the layers ten to a line (a kept one starred), the kept indices."""
+def score_lines(scores: LayerScores, kept: list[int], per_line: int = 5) -> list[str]:
+    """The scores as kd prints them: a header, the layers five to a line (a kept one starred: 75 columns, so an
+    80-column terminal or log does not wrap them), the kept indices."""
     where = "read from an earlier run" if scores.reused else f"computed in {scores.seconds:.0f} s"
     lines = [
         f"Layer scores ({scores.by}: {SCORE_MEANING[scores.by]}; higher matters more), over {scores.positions} "
