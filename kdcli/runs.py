@@ -196,6 +196,14 @@ class RunFolder:
                 f"or --set name=<new name>."
             )
 
+    def refuse_finished(self, flag: str = "--resume") -> None:
+        """A run that wrote its `run.json` has nothing left to resume."""
+        if self.record_file.is_file():
+            raise KdError(
+                f"{flag} {self.path}: the run is finished ({RUN_FILE} is written); nothing is left to resume. "
+                f"Evaluate it with kd eval {self.path}, or train it again with kd distill RECIPE --overwrite."
+            )
+
     def create(self, recipe: Recipe, overwrite: bool) -> RunFolder:
         """Make the folder (replacing a non-empty one only with `overwrite`) and write the resolved recipe."""
         self.refuse_existing(overwrite)
