@@ -32,8 +32,6 @@ class LoraConfig(Section):
         return targets
 
 
-
-
 class LayerChoice(Section):
     """`student.layers: {keep: N, by: loss}`: keep the N teacher layers that score highest on the teacher itself."""
 
