@@ -93,16 +93,14 @@ def _split_values(text: str) -> list[str]:
 
 def plan_grid(recipe_path: Path, sets: Sequence[str], axes: Sequence[GridAxis]) -> list[GridPoint]:
     """Every point's validated recipe and state, in order (the first axis varies slowest). Refuses, in one line and
-    before any run, a name template that does not name a gridded key, and two points that resolve to one folder."""
-    check_name_template(recipe_path, sets, axes)
+    before any run, a bad point (a mistyped key, a bad value: checked as --set's are, so before the name), a name
+    template that does not name a gridded key, and two points that resolve to one folder."""
     points: list[GridPoint] = []
     for combo in itertools.product(*(axis.values for axis in axes)):
         overrides = [f"{axis.key}={value}" for axis, value in zip(axes, combo, strict=True)]
-        try:
-            recipe = load_recipe(recipe_path, [*sets, *overrides])
-        except KdError as err:
-            raise KdError(f"--grid point {' '.join(overrides)}: {err}") from None
+        recipe = load_recipe(recipe_path, list(sets), grid=overrides)
         points.append(GridPoint(overrides, recipe, state_of(RunFolder.for_recipe(recipe), recipe)))
+    check_name_template(recipe_path, sets, axes)
     folders: dict[Path, GridPoint] = {}
     for point in points:
         other = folders.setdefault(point.folder.path.resolve(), point)

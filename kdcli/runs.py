@@ -196,6 +196,20 @@ class RunFolder:
                 f"or --set name=<new name>."
             )
 
+    def refuse_finished(self, flag: str = "--resume") -> None:
+        """A run that wrote its `run.json` has nothing left to resume. (One that does not read as a record was
+        damaged by hand or disk, not written by kd, which writes it whole and last: resume rewrites it.)"""
+        if not self.record_file.is_file():
+            return
+        try:
+            self.read_record()
+        except KdError:
+            return
+        raise KdError(
+            f"{flag} {self.path}: the run is finished ({RUN_FILE} is written); nothing is left to resume. "
+            f"Evaluate it with kd eval {self.path}, or train it again with kd distill RECIPE --overwrite."
+        )
+
     def create(self, recipe: Recipe, overwrite: bool) -> RunFolder:
         """Make the folder (replacing a non-empty one only with `overwrite`) and write the resolved recipe."""
         self.refuse_existing(overwrite)

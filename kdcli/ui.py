@@ -47,6 +47,8 @@ class RichObserver:
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=info["total_steps"], loss="-", kd="-", tps="-", gen="")
+        if info.get("last_step"):  # a resumed run starts where its last checkpoint left it
+            self.on_step(info["last_step"])
 
     def on_step(self, record: dict[str, Any]) -> None:
         if self.progress is None:

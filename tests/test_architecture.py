@@ -16,6 +16,7 @@ LAYERS = {
     "errors": 0,
     "durable": 1,
     "hardware": 1,
+    "hub": 1,
     "losses": 2,
     "recipe": 3,
     "data": 4,

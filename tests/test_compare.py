@@ -522,3 +522,24 @@ def test_head_to_head_needs_a_key(two_runs: tuple[Path, Path]) -> None:
 
 def test_math_helpers_are_finite() -> None:
     assert math.isnan(mean_ci([]).mean)
+
+
+def test_head_to_head_with_a_judge_whose_replies_never_parse(tmp_path: Path) -> None:
+    """`pairs 0 · win 0.0%` would read as measured: the rates are n/a, a note says what failed and why, and the
+    command exits nonzero."""
+    fkl, akl = make_run(tmp_path, "fkl"), make_run(tmp_path, "akl", divergence="akl")
+    add_eval(fkl, quality_answers(0.0, "fkl"))  # wrong answers that differ: no pair ties without the judge
+    add_eval(akl, quality_answers(0.0, "akl"))
+    with FakeOpenAI([Reply("Both are good answers.")]) as server:
+        args = ["compare", str(fkl), str(akl), "--judge", "gpt4", "--judge-url", server.url, "--judge-model", "m"]
+        args += ["--judge-max-examples", "2", "--resamples", "200", "--judge-retries", "0"]
+        table = runner.invoke(app, args, env={"OPENAI_API_KEY": KEY})
+        as_json = runner.invoke(app, [*args, "--format", "json"], env={"OPENAI_API_KEY": KEY})
+    assert table.exit_code == 2 and as_json.exit_code == 2, table.output
+    (row,) = [line for line in table.output.splitlines() if line.startswith("│ akl vs fkl")]
+    assert row.count("n/a") == 3 and "0.0%" not in row
+    output = " ".join(table.output.split())
+    assert "verdicts failed (unparseable verdict (2 replies):" in output
+    assert "one reply: 'Both are good answers.'" in output and "no verdict succeeded" in output
+    (h2h,) = json.loads(as_json.output[: as_json.output.rindex("}") + 1])["head_to_head"]
+    assert h2h["pairs"] == 0 and h2h["wins"] is None and h2h["failures"]["failed"] == h2h["failures"]["asked"] > 0

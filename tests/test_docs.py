@@ -24,3 +24,22 @@ def test_every_key_has_a_description() -> None:
 def test_readme_names_the_two_commands() -> None:
     text = README.read_text(encoding="utf-8")
     assert "make quickstart" in text and "make test" in text
+
+
+def test_readme_command_table_names_every_command() -> None:
+    import typer
+
+    from kdcli.cli import app
+
+    text = README.read_text(encoding="utf-8")
+    start = text.index("## Commands\n")
+    table = text[start : text.index("\n## ", start + 1)]
+
+    def names(command: typer.core.TyperGroup, prefix: str = "kd") -> list[str]:
+        out = []
+        for name, sub in command.commands.items():
+            out += names(sub, f"{prefix} {name}") if hasattr(sub, "commands") else [f"{prefix} {name}"]
+        return out
+
+    missing = [name for name in names(typer.main.get_command(app)) if f"`{name}" not in table]
+    assert missing == [], f"add to the README's command table: {missing}"

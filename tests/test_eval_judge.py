@@ -5,6 +5,7 @@ failure counting, and that the API key is never written anywhere."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,41 @@ def test_rejected_key_exits_2_without_the_key(
             app, eval_args(tiny_teacher, tmp_path / "eval", "--judge", "gpt4", "--judge-url", server.url)
         )
     assert result.exit_code == 2 and "rejected the API key" in result.output and KEY not in result.output
+
+
+def test_a_judge_whose_replies_never_parse_is_reported_and_fails(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing judged is not a score: the table says n/a, the output says how many verdicts failed, why, and what
+    the judge replied, and the command exits nonzero."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    out = tmp_path / "eval"
+    with FakeOpenAI([Reply("Both answers are helpful.")]) as server:
+        args = eval_args(tiny_teacher, out, "--judge", "gpt4", "--judge-url", server.url, "--judge-model", "fake-4")
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "12 of 12 verdicts failed (unparseable verdict (2 replies): 12)" in output
+    assert "one reply: 'Both answers are helpful.'" in output
+    assert "no verdict succeeded" in output and "judge-<pass>.jsonl" in output
+    (judge_row,) = [line for line in result.output.splitlines() if re.match(r"│ judge +│", line)]
+    assert judge_row.rstrip(" │").endswith("n/a")
+    entry = json.loads((out / "results.json").read_text())["sets"]["starter"]["sampling"]
+    assert "judge" not in entry["metrics"]
+    failures = entry["judge"]["failures"]
+    assert (failures["asked"], failures["failed"]) == (12, 12)
+    assert failures["example_reply"] == "Both answers are helpful."
+
+
+def test_some_failed_verdicts_are_reported_and_the_rest_scored(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    script = [Reply("no idea")] * 4 + [Reply("8 4")]  # one at a time: the first two verdicts fail, twice each
+    with FakeOpenAI(script) as server:
+        args = eval_args(tiny_teacher, tmp_path / "eval", "--judge", "gpt4", "--judge-url", server.url)
+        result = runner.invoke(app, [*args, "--judge-concurrency", "1"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "2 of 12 verdicts failed (unparseable verdict (2 replies): 2); one reply: 'no idea'" in output

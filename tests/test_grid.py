@@ -65,6 +65,16 @@ def test_name_must_name_every_gridded_key_before_any_work(tmp_path: Path, tiny_t
     assert "t-0.3" in named.output and "t-0.7" in named.output
 
 
+def test_a_mistyped_grid_key_is_named_before_the_name_template(tmp_path: Path, tiny_teacher: Path) -> None:
+    """The name check would suggest adding the typo to the name: the key is checked first, as --set's is."""
+    recipe = grid_recipe(tmp_path, tiny_teacher)
+    result = runner.invoke(app, ["distill", str(recipe), "--grid", "loss.divergnce=fkl,akl"])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert line == "error: --grid loss.divergnce=fkl: loss.divergnce: unknown key. Did you mean 'divergence'?"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_bad_point_is_refused_before_any_run(tmp_path: Path, tiny_teacher: Path) -> None:
     recipe = grid_recipe(tmp_path, tiny_teacher)
     result = runner.invoke(app, ["distill", str(recipe), "--grid", "loss.divergence=fkl,nope"])

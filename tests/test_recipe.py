@@ -121,6 +121,20 @@ def test_set_overrides_any_field(tmp_path: Path) -> None:
     assert recipe.student.layers == [0, 2]
 
 
+def test_an_error_in_a_set_value_names_the_set_not_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\ntrain: {max_steps: 5}\n")
+    message = error_of(path, ["train.max_steps=three"])
+    assert message.startswith("--set train.max_steps=three: train.max_steps: ") and str(path) not in message
+    assert error_of(path, ["loss.divergnce=rkl"]) == (
+        "--set loss.divergnce=rkl: loss.divergnce: unknown key. Did you mean 'divergence'?"
+    )
+    assert error_of(path, ["train={lr: x}"]).startswith("--set train={lr: x}: train.lr: ")
+    # What the file holds is still the file's: the --set is not blamed for a key it did not give.
+    assert error_of(write(tmp_path, "name: x\ntrain: {max_steps: three}\n"), ["train.lr=0.1"]).startswith(
+        f"{tmp_path / 'r.yaml'}: train.max_steps: "
+    )
+
+
 @pytest.mark.parametrize("bad", ["train.max_steps", "=3", "train..lr=1", ".lr=1"])
 def test_malformed_set(bad: str) -> None:
     with pytest.raises(KdError, match=r"expected key\.path=value"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scale_helpers import run_kd, start_kd, step_losses, wait_for
@@ -13,6 +15,7 @@ from test_distill import runner, tiny_recipe
 
 from kdcli.cli import app
 from kdcli.engine.checkpoint import latest_checkpoint, read_state
+from kdcli.engine.loop import Session
 from kdcli.runs import RunFolder
 
 # 12 steps of 2 x 4 examples, a checkpoint every 3: small enough for ~10 s runs on 2 CPU cores.
@@ -97,3 +100,55 @@ def test_resume_refusals(tmp_path: Path, tiny_teacher: Path) -> None:
     (run_dir / "recipe.yaml").write_text(recipe.read_text())
     result = runner.invoke(app, ["distill", "--resume", str(run_dir)])
     assert result.exit_code == 2 and "no complete checkpoint" in result.output
+
+
+def test_resume_from_the_final_checkpoint_keeps_the_whole_run(
+    tmp_path: Path, tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands during step 2 of 3, so the loop stops after step 3, the last, and saves it: the resumed process
+    trains no step. Its run.json must still describe the whole run, as an uninterrupted one's does."""
+    fast = {**FAST, "train": {**FAST["train"], "max_steps": 3, "save_every": 1}}
+    whole = tiny_recipe(tmp_path / "whole", tiny_teacher, **fast)
+    result = runner.invoke(app, ["distill", str(whole)])
+    assert result.exit_code == 0, result.output
+    reference = RunFolder(tmp_path / "whole" / "runs" / "tiny").read_record()
+
+    original_step = Session.step
+    slow_s = 4.0  # the interrupted process's steps take this long: wall time the resumed record must include
+
+    def step_then_ctrl_c(self: Session, batches: Any, stop_requested: bool, state: Any = None) -> Any:
+        time.sleep(slow_s / 3)
+        out = original_step(self, batches, stop_requested, state)
+        if state is not None and state.step == 1:  # during step 2: the loop sees it at step 3, the last
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    recipe = tiny_recipe(tmp_path / "cut", tiny_teacher, **fast)
+    run_dir = tmp_path / "cut" / "runs" / "tiny"
+    with monkeypatch.context() as patch:
+        patch.setattr(Session, "step", step_then_ctrl_c)
+        result = runner.invoke(app, ["distill", str(recipe)])
+    assert result.exit_code == 130, result.output
+    assert read_state(latest_checkpoint(RunFolder(run_dir)))["step"] == 3 and not (run_dir / "run.json").exists()
+
+    result = runner.invoke(app, ["distill", "--resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "step 0/3" not in result.output and "step 3/3" in result.output
+    record = RunFolder(run_dir).read_record()
+    assert record.final["step"] == 3 and record.train_loss == reference.train_loss
+    assert _untimed(record.final) == _untimed(reference.final)
+    assert record.tokens_seen == reference.tokens_seen and record.steps == 3 and record.resumed_from == 3
+    assert record.train_seconds is not None and record.train_seconds >= slow_s
+    assert record.tokens_per_s == pytest.approx(record.tokens_seen / record.train_seconds)
+    assert record.wall_seconds is not None and record.wall_seconds >= record.train_seconds
+    assert [e["step"] for e in record.evals] == [e["step"] for e in reference.evals] == [0, 3]
+    assert step_losses(run_dir) == step_losses(tmp_path / "whole" / "runs" / "tiny")
+
+    result = runner.invoke(app, ["distill", "--resume", str(run_dir)])
+    assert result.exit_code == 2 and "the run is finished" in result.output, result.output
+    assert "save_every" not in result.output
+
+
+def _untimed(final: dict[str, Any]) -> dict[str, Any]:
+    """A step's metrics without those that depend on the machine's speed."""
+    return {key: value for key, value in final.items() if key not in ("elapsed_s", "tokens_per_s")}

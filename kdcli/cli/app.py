@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,17 +10,64 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from kdcli.errors import KdError, KdWarning
 
-app = typer.Typer(
+
+class _PlainHelp:
+    """Help without typer's type marker for flags (`--force <bool>`: a flag takes no value; typer shows an
+    option's metavar in place of its type, so a flag's is set empty), and arguments named in capitals (`RECIPE`)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if param.metavar is not None:
+                continue
+            if param.param_type_name == "argument":
+                param.metavar = (param.name or "").upper()
+            elif getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class KdGroup(_PlainHelp, TyperGroup):
+    """`kd` and `kd recipe`."""
+
+
+class KdCommand(_PlainHelp, TyperCommand):
+    """Every kd command. Its usage line writes arguments as `RECIPE`, `[RECIPE]` and `TARGET...`, not as typer's
+    `{recipe}` and `{TARGET...}...`; `kd --help` lists it with the first paragraph of its docstring on one line
+    (typer keeps the docstring's line breaks there)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.short_help is None and self.help:
+            self.short_help = " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class _KdTyper(typer.Typer):
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or KdCommand, **kwargs)
+
+
+app = _KdTyper(
     name="kd",
+    cls=KdGroup,
     help="Distill large language models: one YAML recipe, exact AKL/ATKD and classic divergences.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-recipe_app = typer.Typer(help="Inspect and validate recipes.", no_args_is_help=True)
+recipe_app = _KdTyper(cls=KdGroup, help="Inspect and validate recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
 _state = {"debug": False}

@@ -37,7 +37,7 @@ def eval_(
     targets: Annotated[
         list[str],
         typer.Argument(
-            metavar="TARGET...",
+            metavar="TARGET",
             help="Run folders (or a quoted glob such as 'runs/grid-*'), a model id or folder, or teacher:RECIPE. "
             "Several are evaluated one after another, each skipping the passes it already has.",
             show_default=False,

@@ -93,4 +93,9 @@ def run_compare(
         write_plot(comparison, plot)
         if fmt == "table":
             console.print(f"[dim]plot: {plot}[/dim]", highlight=False)
+    if client is not None and judge is not None:
+        from kdcli.evaluation.judge.failures import JudgeFailures, check_some_succeeded
+
+        failures = sum((h.failures for h in comparison.head_to_head), JudgeFailures())
+        check_some_succeeded(failures, judge, str(client.cache.path))
     return comparison

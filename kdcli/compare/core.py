@@ -17,6 +17,7 @@ from kdcli.compare.ranking import HIGHER, LOWER, NONE, as_number, best_runs
 from kdcli.compare.runs import RunData
 from kdcli.compare.setup_diff import SetupRow, setup_diff
 from kdcli.compare.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
+from kdcli.evaluation.judge.failures import JudgeFailures
 
 # metrics.jsonl keys that are the trainer's own, not a divergence's diagnostics.
 _NOT_CURVES = ("lr", "elapsed_s", "tokens_per_s", "valid_positions", "gen_tokens", "gen_s")
@@ -41,12 +42,13 @@ class HeadToHead:
     set: str
     mode: str
     pairs: int  # (example, pass) pairs with both verdicts
-    wins: float  # rates in [0, 1], from `run`'s side
-    ties: float
-    losses: float
+    wins: float | None  # rates in [0, 1], from `run`'s side; None when no pair was judged
+    ties: float | None
+    losses: float | None
     excluded: int  # pairs left out because a verdict failed
     requests: int
     cache_hits: int
+    failures: JudgeFailures = field(default_factory=JudgeFailures)  # the verdicts asked, and why some failed
 
 
 @dataclass

@@ -88,7 +88,7 @@ def to_csv(comparison: Comparison) -> str:
         for key in ("wins", "ties", "losses", "pairs", "excluded"):
             writer.writerow(
                 {"section": "head_to_head", "set": h.set, "mode": h.mode, "key": key, "run": h.run,
-                 "value": getattr(h, key)}
+                 "value": _csv_number(getattr(h, key)) if key in ("wins", "ties", "losses") else getattr(h, key)}
             )  # fmt: skip
     return buffer.getvalue()
 

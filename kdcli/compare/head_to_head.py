@@ -21,6 +21,7 @@ from kdcli.compare.evalset import row_key
 from kdcli.compare.runs import RunData
 from kdcli.errors import KdError
 from kdcli.evaluation.judge import JudgeClient, JudgeSettings, ReplyCache, load_template
+from kdcli.evaluation.judge.failures import JudgeFailures
 from kdcli.evaluation.judge.prompt import Messages
 from kdcli.evaluation.results import JUDGE_CACHE_FILE
 
@@ -97,6 +98,11 @@ def head_to_head(
                 losses += mine_score < base_score
             judged = wins + ties + losses
             after = client.stats.as_dict()
+            failures = JudgeFailures.of(verdicts)
+            if failures.failed:
+                comparison.notes.append(
+                    f"head-to-head {run.label} vs {baseline.label} on {s.set} ({s.mode}): {failures.describe()}"
+                )
             results.append(
                 HeadToHead(
                     run=run.label,
@@ -104,12 +110,13 @@ def head_to_head(
                     set=s.set,
                     mode=s.mode,
                     pairs=judged,
-                    wins=wins / judged if judged else 0.0,
-                    ties=ties / judged if judged else 0.0,
-                    losses=losses / judged if judged else 0.0,
+                    wins=wins / judged if judged else None,
+                    ties=ties / judged if judged else None,
+                    losses=losses / judged if judged else None,
                     excluded=excluded,
                     requests=after["requests"] - before["requests"],
                     cache_hits=after["cache_hits"] - before["cache_hits"],
+                    failures=failures,
                 )
             )
     comparison.head_to_head.extend(results)

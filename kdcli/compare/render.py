@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from kdcli.compare.core import Comparison, ValueRow
+from kdcli.compare.core import Comparison, HeadToHead, ValueRow
 from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
 from kdcli.compare.ranking import HIGHER, LOWER
 
@@ -240,16 +240,14 @@ def _h2h_table(comparison: Comparison) -> Table:
     for name in ("run", "set", "pairs", "win", "tie", "loss", "excluded"):
         table.add_column(name, justify="left" if name in ("run", "set") else "right")
     for h in comparison.head_to_head:
-        table.add_row(
-            escape(f"{h.run} vs {h.baseline}"),
-            escape(f"{h.set} ({h.mode})"),
-            str(h.pairs),
-            f"{h.wins:.1%}",
-            f"{h.ties:.1%}",
-            f"{h.losses:.1%}",
-            str(h.excluded),
-        )
+        table.add_row(*map(escape, _h2h_cells(h)))
     return table
+
+
+def _h2h_cells(h: HeadToHead) -> list[str]:
+    """A head-to-head row; "n/a" for the rates of one where no pair was judged (every verdict failed)."""
+    rates = [f"{rate:.1%}" if rate is not None else "n/a" for rate in (h.wins, h.ties, h.losses)]
+    return [f"{h.run} vs {h.baseline}", f"{h.set} ({h.mode})", str(h.pairs), *rates, str(h.excluded)]
 
 
 def notes_of(comparison: Comparison) -> list[str]:
@@ -324,18 +322,7 @@ def to_markdown(comparison: Comparison) -> str:
         out.append(
             _md_table(
                 ["run", "set", "pairs", "win", "tie", "loss", "excluded"],
-                [
-                    [
-                        f"{h.run} vs {h.baseline}",
-                        f"{h.set} ({h.mode})",
-                        str(h.pairs),
-                        f"{h.wins:.1%}",
-                        f"{h.ties:.1%}",
-                        f"{h.losses:.1%}",
-                        str(h.excluded),
-                    ]
-                    for h in comparison.head_to_head
-                ],
+                [_h2h_cells(h) for h in comparison.head_to_head],
             )
         )
     notes = notes_of(comparison)

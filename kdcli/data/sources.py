@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from importlib import resources
@@ -19,6 +18,7 @@ from typing import Any, Literal
 
 from kdcli.durable import json_lines
 from kdcli.errors import KdError, did_you_mean
+from kdcli.hub import check_reachable, is_offline, looks_like_path
 
 Split = Literal["train", "eval"]
 
@@ -103,9 +103,7 @@ def source_name(spec: str) -> str:
 
 
 def _looks_local(spec: str) -> bool:
-    if spec.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in spec:
-        return True
-    return spec.lower().endswith(_FILE_LIKE_SUFFIXES)
+    return looks_like_path(spec) or spec.lower().endswith(_FILE_LIKE_SUFFIXES)
 
 
 # --- builtin -------------------------------------------------------------------------------------------------
@@ -308,12 +306,8 @@ def _read_csv(text: str, name: str, key: str, delimiter: str) -> Rows:
 # --- Hugging Face Hub ----------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    truthy = {"1", "true", "yes", "on"}
-    return any(os.environ.get(v, "").strip().lower() in truthy for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _load_hub(dataset_id: str, pinned: str | None, split: Split, key: str) -> list[dict[str, Any]]:
+    check_reachable(dataset_id, field=key, repo_type="dataset")
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - `datasets` is a dependency
@@ -351,7 +345,7 @@ def _load_hub(dataset_id: str, pinned: str | None, split: Split, key: str) -> li
 
 
 def _hub_error(dataset_id: str, key: str, err: Exception) -> KdError:
-    if _offline():
+    if is_offline("dataset"):
         why = "not a local file and not in the Hugging Face cache; this machine is offline"
         fix = "Download it once with network access, or point the setting at a local file."
     else:

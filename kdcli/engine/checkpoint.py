@@ -113,6 +113,7 @@ def _on_every_rank(work: Callable[[], None], final: Path, device: torch.device |
 def resume_checkpoint(folder: RunFolder, world: World) -> Path:
     """The newest complete checkpoint of a run, checked to fit this launch, or one line saying why not. The
     metrics that resume truncates to it are read too, so that a damaged line stops here, before any slow work."""
+    folder.refuse_finished()
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None:
         damaged = _complete(folder.checkpoints_dir) if folder.checkpoints_dir.is_dir() else []

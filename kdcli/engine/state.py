@@ -12,6 +12,10 @@ class TrainingState:
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0
     train_seconds: float = 0.0  # training time before this process started (resumed runs) plus its own
+    # Wall time of every process that worked on the run, up to its last checkpoint (set-up and evals included; what
+    # a killed process did after that checkpoint is redone, and counted, by the one that resumes).
+    wall_seconds: float = 0.0
+    last_step: dict[str, Any] = field(default_factory=dict)  # the last step's metrics: run.json's `final`
     eval_before: dict[str, float] | None = None
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step": s, **scores} for every eval so far
     # On-policy training (`on_policy`): the ratio now (it moves under `schedule: adaptive`; None: not in use) and

@@ -100,7 +100,8 @@ def _distill(
     if checkpoint is not None and world.is_main:
         folder.truncate_metrics(state.step)
     start_step = state.step
-    observer.on_start(_start_info(session, folder, start_step))
+    wall = _Clock(state.wall_seconds, started)
+    observer.on_start(_start_info(session, folder, state))
     if session.heads.note:
         observer.message(f"Plain logits (loss.fused: auto): {session.heads.note}")
     if checkpoint is None:
@@ -109,7 +110,7 @@ def _distill(
             state.evals = [{"step": 0, **state.eval_before}]
             observer.on_eval({"step": 0, **state.eval_before})
 
-    last, eval_after = train(session, state, folder, observer)
+    last, eval_after = train(session, state, folder, observer, wall)
 
     observer.message("Saving student")
     full_weights = session.backend.full_state_dict()  # a collective under ZeRO-3: every rank takes part
@@ -117,7 +118,7 @@ def _distill(
         save_student(
             parts.student, parts.tokenizer, folder.student_dir, runtime, full_weights, adapter=folder.adapter_dir
         )
-    record = _record(session, state, folder, start_step, last, eval_after, ds_config, time.perf_counter() - started)
+    record = _record(session, state, folder, start_step, last, eval_after, ds_config, wall.seconds())
     if world.is_main:
         folder.write_record(record)
     barrier()  # no rank leaves (and tears down the process group) before rank 0 has written the run
@@ -127,16 +128,17 @@ def _distill(
 
 
 def train(
-    session: Session, state: TrainingState, folder: RunFolder, observer: Observer
+    session: Session, state: TrainingState, folder: RunFolder, observer: Observer, wall: _Clock | None = None
 ) -> tuple[dict[str, Any], dict[str, float] | None]:
-    """Steps from `state.step` to the end, then the final eval; returns the last step's metrics and that eval.
+    """Steps from `state.step` to the end, then the final eval; returns the last step's metrics (those restored
+    with `state` when no step is left) and that eval. `wall`: the run's wall clock, saved with each checkpoint.
 
     Ctrl-C or SIGTERM stops after a whole step, saves a checkpoint and raises `RunInterrupted`."""
     cfg, world, total = session.recipe.train, session.world, session.total_steps
     metrics = folder.metrics_log() if world.is_main else None
     batches = session.batches(state)
     clock = _Clock(state.train_seconds)
-    last: dict[str, Any] = {}
+    wall = wall or _Clock(state.wall_seconds)
     session.backend.model.train()
     try:
         with StopRequest().installed() as stop:
@@ -146,7 +148,7 @@ def train(
                 state.gen_tokens += record["gen_tokens"]  # on-policy sampling, all processes
                 state.gen_seconds += record["gen_s"]
                 state.train_seconds = clock.seconds()
-                last = {"step": step, **record, "elapsed_s": state.train_seconds, **stats}
+                last = state.last_step = {"step": step, **record, "elapsed_s": state.train_seconds, **stats}
                 if metrics and cfg.logs_step(step, total):
                     metrics.write(last)
                 observer.on_step({**last, "total_steps": total, "tokens_seen": state.tokens_seen})
@@ -155,6 +157,7 @@ def train(
                     session.adapt(state)  # `on_policy.schedule: adaptive` follows the eval loss
                     session.backend.model.train()
                 if (cfg.save_every and step % cfg.save_every == 0) or stopping:
+                    state.wall_seconds = wall.seconds()
                     observer.message(f"Checkpoint {session.save(folder, state)}")
                 if stopping:
                     raise RunInterrupted(step, folder.path)
@@ -164,7 +167,7 @@ def train(
     finally:
         if metrics:
             metrics.close()
-    return last, eval_after
+    return state.last_step, eval_after
 
 
 class RunInterrupted(Exception):
@@ -176,10 +179,10 @@ class RunInterrupted(Exception):
 
 
 class _Clock:
-    """Training seconds: those of earlier processes (a resumed run) plus this one's since the loop began."""
+    """Seconds of earlier processes (a resumed run) plus this one's since `started` (default: now)."""
 
-    def __init__(self, before: float) -> None:
-        self.before, self.started = before, time.perf_counter()
+    def __init__(self, before: float, started: float | None = None) -> None:
+        self.before, self.started = before, time.perf_counter() if started is None else started
 
     def seconds(self) -> float:
         return self.before + time.perf_counter() - self.started
@@ -195,12 +198,13 @@ def _log_eval(
         observer.on_eval({"step": step, **scores})
 
 
-def _start_info(session: Session, folder: RunFolder, start_step: int) -> dict[str, Any]:
+def _start_info(session: Session, folder: RunFolder, state: TrainingState) -> dict[str, Any]:
     parts = session.parts
     return {
         "run_dir": str(folder.path),
         "total_steps": session.total_steps,
-        "start_step": start_step,
+        "start_step": state.step,
+        "last_step": state.last_step,  # a resumed run's last step so far ({} for a new run)
         "processes": session.world.world_size,
         "train_examples": len(parts.train_set),
         "eval_examples": len(parts.eval_set) if parts.eval_set is not None else 0,

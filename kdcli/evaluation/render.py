@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kdcli.evaluation.baselines import BASELINES
+from kdcli.evaluation.judge.failures import JudgeFailures
 
 # (key in metrics, row title, format): the papers' number first.
 COLUMNS = (
@@ -96,6 +97,8 @@ class RichEvalObserver:
         self.console.print(results_table(results))
         if results.get("judge_usage"):
             self.console.print(usage_table(results["judge_usage"]))
+        for line in judge_failure_lines(results):
+            self.console.print(f"[yellow]{escape(line)}[/yellow]", highlight=False, soft_wrap=True)
         self.console.print(f"[dim]results: {escape(results['eval_dir'])}/results.json[/dim]", highlight=False)
 
     def close(self) -> None:
@@ -129,8 +132,9 @@ def results_table(results: dict[str, Any]) -> Table:
         passes = "greedy" if mode == "greedy" else f"{len(entry['seeds'])} seeds"
         table.add_column(f"{name}\n{entry['examples']} ex · {passes}", justify="right")
     for key, title, fmt in COLUMNS:
-        if any(key in entry["metrics"] for _, _, entry in shown):
-            table.add_row(title, *[_cell(entry["metrics"].get(key), fmt) for _, _, entry in shown])
+        if any(key in entry["metrics"] or _nothing_judged(entry, key) for _, _, entry in shown):
+            cells = ["n/a" if _nothing_judged(e, key) else _cell(e["metrics"].get(key), fmt) for _, _, e in shown]
+            table.add_row(title, *cells)
     for name in BASELINES:  # `--baselines`: what answers written without a model score on the same prompts
         if any(name in (entry.get("baselines") or {}) for _, _, entry in shown):
             cells = [_baseline_cell(entry, name) for _, _, entry in shown]
@@ -143,6 +147,22 @@ def results_table(results: dict[str, Any]) -> Table:
             table.add_row("judge failures", *[str(e.get("judge", {}).get("failed_verdicts", "—")) for _, _, e in shown])
             break
     return table
+
+
+def _nothing_judged(entry: dict[str, Any], key: str) -> bool:
+    """The judge was asked on this set, and not one example got both verdicts: its score is not 0 but absent."""
+    return key == "judge" and "judge" in entry and "judge" not in entry["metrics"]
+
+
+def judge_failure_lines(results: dict[str, Any]) -> list[str]:
+    """What became of the failed verdicts of each set evaluated in this run: how many, why, one reply."""
+    lines = []
+    for name, mode in results.get("evaluated", []):
+        data = (results["sets"][name][mode].get("judge") or {}).get("failures")
+        failures = JudgeFailures.from_dict(data) if data else None
+        if failures and failures.failed:
+            lines.append(f"judge on {name} ({mode}): {failures.describe()}")
+    return lines
 
 
 def usage_table(usage: dict[str, int]) -> Table:

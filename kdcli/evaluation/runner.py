@@ -25,6 +25,7 @@ from kdcli.evaluation.judge import (
     pass_requests,
 )
 from kdcli.evaluation.judge import score_pass as judge_pass
+from kdcli.evaluation.judge.failures import JudgeFailures, check_some_succeeded
 from kdcli.evaluation.metrics import aggregate, mean_std, score_pass
 from kdcli.evaluation.observer import EvalObserver, SilentEvalObserver
 from kdcli.evaluation.results import (
@@ -117,6 +118,7 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
     model = _load_model(target, runtime, observer) if todo else None
 
     results: dict[str, Any] = {}
+    failures = JudgeFailures()  # of this run's verdicts, every set and pass
     for eval_set in sets:
         set_dir = target.eval_dir / eval_set.name
         record = records[eval_set.name]
@@ -150,6 +152,8 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
             observer.on_pass_end(eval_set.name, label, {**stats, **per_pass[label]})
 
         judge_entry = _judge_set(judging, eval_set, set_dir, rows_by_pass, per_pass, observer) if judging else None
+        if judge_entry and "failures" in judge_entry:
+            failures += JudgeFailures.from_dict(judge_entry["failures"])
         entry = _set_entry(eval_set, mode, passes, settings, record, per_pass, judge_entry)
         if opts.baselines or _had_baselines(target.eval_dir, eval_set.name, mode):  # kept up to date once asked for
             entry["baselines"] = _baselines(eval_set, set_dir, tokenizer)
@@ -161,6 +165,8 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
     if judging is not None and judging.client is not None:
         summary["judge_usage"] = judging.client.stats.as_dict()
     observer.on_end(summary)
+    if opts.judge is not None:
+        check_some_succeeded(failures, opts.judge, f"{target.eval_dir}/<set>/judge-<pass>.jsonl")
     return summary
 
 
@@ -261,6 +267,7 @@ def _judge_set(
     template = load_template(judging.settings.prompt)
     params = judging.settings.request_params()
     judged: dict[str, dict[str, Any]] = {}
+    failures = JudgeFailures()
     for label, rows in rows_by_pass.items():
         requests = pass_requests(rows, template)
         if judging.client is None:
@@ -272,6 +279,7 @@ def _judge_set(
         observer.on_judge_start(eval_set.name, label, len(requests))
         verdicts = judging.client.judge_all(requests, on_done=lambda: observer.on_judge_progress(1))
         metrics, records = judge_pass(rows, verdicts)
+        failures += JudgeFailures.of(verdicts)
         write_jsonl(set_dir / f"judge-{label}.jsonl", records)
         observer.on_judge_end(eval_set.name, label)
         judged[label] = metrics
@@ -286,6 +294,7 @@ def _judge_set(
         "per_seed": judged,
         "failed_verdicts": sum(m["failed_verdicts"] for m in judged.values()),
         "excluded_examples": sum(m["excluded_examples"] for m in judged.values()),
+        "failures": failures.as_dict(),
     }
 
 
@@ -294,7 +303,9 @@ def _had_baselines(eval_dir: Path, set_name: str, mode: str) -> bool:
         results = read_json(eval_dir / RESULTS_FILE) or {}
     except KdError:
         return False  # a damaged results.json is rebuilt by update_results, which names it
-    entry = ((results.get("sets") or {}).get(set_name) or {}).get(mode)
+    sets = results.get("sets")
+    modes = sets.get(set_name) if isinstance(sets, dict) else None  # a damaged one is named by update_results
+    entry = modes.get(mode) if isinstance(modes, dict) else None
     return isinstance(entry, dict) and bool(entry.get("baselines"))
 
 

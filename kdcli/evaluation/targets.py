@@ -115,7 +115,7 @@ def _path_or_id_target(spec: str, out: Path | None) -> Target:
         raise KdError(f"TARGET: '{spec}' is a file, not a run folder or model.{hint}")
     from kdcli.models import resolve_model
 
-    resolve_model(spec, field="TARGET")  # mistyped paths are reported here; Hub ids are checked on load
+    resolve_model(spec, field="TARGET")  # mistyped paths and an unreachable Hub are reported here
     name = _safe_name(spec.removeprefix("builtin:").replace("/", "--"))
     return Target("model", name, spec, DataConfig(), out or DEFAULT_OUT_ROOT / name)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import KdError, did_you_mean
+from kdcli.hub import check_reachable, is_offline, looks_like_path
 from kdcli.models.builtin import Message, builtin_model_dir, ensure_pad_token, is_builtin
 from kdcli.models.layers import kept_layers, num_layers_key, per_layer_keys, pruned_config, pruned_copy
 
@@ -34,7 +35,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def _looks_local(spec: str) -> bool:
-    if spec.startswith((".", "/", "~")) or "\\" in spec or (os.altsep and os.altsep in spec):
+    if looks_like_path(spec) or (os.altsep and os.altsep in spec):
         return True
     return not _HUB_ID.match(spec) or ".." in spec
 
@@ -42,7 +43,8 @@ def _looks_local(spec: str) -> bool:
 def resolve_model(spec: str, *, field: str = "teacher.model", on_message: Message | None = None) -> str:
     """What to hand to `from_pretrained`: a converted builtin folder, a local folder, or a Hub id (returned as is).
 
-    A Hub id is not checked here: whether it is cached is only known when loading (see `load_*`).
+    A Hub id is checked only for a Hub that cannot be reached (`check_reachable`, one quick request per process);
+    whether the model exists or is cached is known when loading (see `load_*`).
     """
     if is_builtin(spec):
         try:
@@ -61,23 +63,15 @@ def resolve_model(spec: str, *, field: str = "teacher.model", on_message: Messag
         return str(path)
     if _looks_local(spec):
         raise KdError(f"{field}: no such folder '{spec}'. {BUILTIN_HINT}")
+    check_reachable(spec, field=field)
     return spec
-
-
-def _offline() -> bool:
-    try:
-        from huggingface_hub import is_offline_mode
-
-        return bool(is_offline_mode())
-    except ImportError:
-        return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _load_error(field: str, spec: str, resolved: str, err: BaseException) -> KdError:
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if resolved != spec or Path(resolved).exists():  # a local or builtin folder that is there but does not load
         return KdError(f"{field}: could not load '{spec}': {first_line}")
-    if _offline():
+    if is_offline():
         reason = "not a local folder and not in the Hugging Face cache; this machine is offline"
     else:
         reason = f"not a local folder, and the Hugging Face Hub did not provide it: {first_line}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -13,14 +14,18 @@ from kdcli.errors import KdError, did_you_mean
 from kdcli.recipe.schema import Recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe. Every failure is a `KdError` that names the file and key."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, grid: Sequence[str] = ()) -> Recipe:
+    """Load, override and validate a recipe. Every failure is a `KdError` that names the key and where its value
+    came from: the file, a `--set` item (`overrides`), or a `--grid` point's `key=value` (`grid`, applied last)."""
     path = Path(path)
     raw = read_yaml(path)
-    for item in overrides or []:
+    given: list[tuple[str, str]] = []  # (key, the flag and item that set it)
+    for flag, item in [*(("--set", item) for item in overrides or []), *(("--grid", item) for item in grid)]:
         key, value = parse_set(item)
-        apply_set(raw, key, value)
-    return validate_recipe(raw, source=str(path))
+        apply_set(raw, key, value, flag=flag)
+        given.append((key, f"{flag} {item if item.isprintable() and len(item) <= 80 else _short(item)}"))
+    source = f"--grid point {' '.join(grid)}: {path}" if grid else str(path)
+    return validate_recipe(raw, source=source, given=given)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -81,7 +86,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"({lines[0] if lines else type(err).__name__})"
 
 
-def apply_set(raw: dict[str, Any], key: str, value: Any) -> None:
+def apply_set(raw: dict[str, Any], key: str, value: Any, *, flag: str = "--set") -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -89,18 +94,23 @@ def apply_set(raw: dict[str, Any], key: str, value: Any) -> None:
         if child is None:  # absent, or `deepspeed: null`: a section that is off until a key sets it
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise KdError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section.")
+            raise KdError(f"{flag} {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section.")
         node = child
     node[parts[-1]] = value
 
 
-def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate_recipe(raw: dict[str, Any], source: str = "recipe", given: Sequence[tuple[str, str]] = ()) -> Recipe:
+    """The recipe `raw` validated; the first problem is a `KdError` that starts with where it came from: `source`,
+    or the last of `given` (key, flag and item) that set its key or a section holding it."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        problems = [_describe(error, raw) for error in err.errors()]
+        errors = err.errors()
+        problems = [_describe(error, raw) for error in errors]
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
-        raise KdError(f"{source}: {problems[0]}{more}") from err
+        where = ".".join(str(part) for part in _keys_of(errors[0]["loc"], raw))
+        origin = next((item for key, item in reversed(given) if f"{where}.".startswith(f"{key}.")), source)
+        raise KdError(f"{origin}: {problems[0]}{more}") from err
 
 
 def _describe(error: Any, raw: dict[str, Any]) -> str:
