@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
-from kdcli.errors import KdError
+from kdcli.errors import KdError, KdWarning
 
 RepoType = Literal["model", "dataset"]
 
@@ -77,14 +78,32 @@ def check_reachable(repo_id: str, *, field: str, repo_type: RepoType = "model") 
         return
     what = "data set" if repo_type == "dataset" else "model"
     if _in_local_cache(repo_id, repo_type):
-        fix = "it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there."
-    else:
-        flag = " --repo-type dataset" if repo_type == "dataset" else ""
-        fix = (
-            f"download it first where the Hub is reachable (hf download {repo_id}{flag}) and set HF_HUB_OFFLINE=1 "
-            "here, or give a local path."
+        # What an air-gapped cluster with a filled cache expects: the copy it has, at once, and a word about it.
+        go_offline()
+        warnings.warn(
+            f"{field}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}); loading the {what} "
+            f"'{repo_id}' from the local cache (set HF_HUB_OFFLINE=1 to skip this check).",
+            KdWarning,
+            stacklevel=2,
         )
+        return
+    flag = " --repo-type dataset" if repo_type == "dataset" else ""
     raise KdError(
         f"{field}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached to load the {what} '{repo_id}' "
-        f"({reason}); {fix}"
+        f"({reason}); download it first where the Hub is reachable (hf download {repo_id}{flag}) and set "
+        "HF_HUB_OFFLINE=1 here, or give a local path."
     )
+
+
+def go_offline() -> None:
+    """Offline mode for the rest of this process, as HF_HUB_OFFLINE=1 would have set it at start: huggingface_hub
+    and transformers read `constants.HF_HUB_OFFLINE`, `datasets` its own copy."""
+    import sys
+
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True

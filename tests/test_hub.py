@@ -132,5 +132,39 @@ def test_the_fix_depends_on_the_local_cache(unreachable_hub: Path) -> None:
     snapshot = unreachable_hub / "models--org--model" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}", encoding="utf-8")
-    with pytest.raises(KdError, match=r"it is in the local cache: set HF_HUB_OFFLINE=1 to load it from there"):
+    # Cached: loaded from there at once, offline from now on, with a one-line warning.
+    from huggingface_hub import constants
+
+    from kdcli.errors import KdWarning
+
+    with pytest.warns(KdWarning, match=r"cannot be reached .*; loading the model 'org/model' from the local cache"):
         check_reachable("org/model", field="teacher.model")
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_cached_model_loads_at_once_without_the_hub(tmp_path: Path, tiny_teacher: Path) -> None:
+    """An air-gapped machine whose Hugging Face cache holds the model, HF_HUB_OFFLINE not set: kd plan reads it from
+    the cache within seconds, with one warning line, instead of refusing or retrying."""
+    env = no_network_env(tmp_path)
+    repo = Path(env["HF_HUB_CACHE"]) / "models--org--tiny"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for item in tiny_teacher.iterdir():
+        (snapshot / item.name).symlink_to(item)
+    recipe = hub_recipe(tmp_path / "cached.yaml", teacher={"model": "org/tiny"})
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "kdcli", "plan", recipe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.monotonic() - start
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Retrying" not in done.stderr and "loading the model 'org/tiny' from the local cache" in done.stderr
+    assert seconds < TIME_BOUND_S, f"{seconds:.1f} s"
