@@ -98,6 +98,8 @@ def setup_of(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, An
         "temperature": loss_temperature(recipe),
         "responses": data.responses,
         "generation": recipe.generation.model_dump() if data.responses == "teacher" else None,
+        # A cache written through a server holds that served model's answers: another one's recipe is refused.
+        "served_model": recipe.teacher.server.model if recipe.teacher.server is not None else None,
     }
 
 

@@ -152,25 +152,26 @@ class CacheCollator:
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> Batch:
         batch = self.base(examples)
-        b, t, k = *batch["labels"].shape, self.top_k
         valid = batch["labels"] != fmt.IGNORE_INDEX
-        # Unlabelled positions get distinct ids and a uniform record: the loss masks them, but ids must stay distinct.
-        ids = torch.arange(k, dtype=torch.long).expand(b, t, k).clone()
-        logprobs = torch.full((b, t, k), -float(torch.log(torch.tensor(float(k)))), dtype=torch.float32)
-        label_lp = torch.zeros((b, t), dtype=torch.float32)
-        tail = torch.zeros((b, t), dtype=torch.float32)
         for row, example in enumerate(examples):
-            where = valid[row].nonzero().squeeze(1)
-            if len(where) != len(example["tail_mass"]):
+            if int(valid[row].sum()) != len(example["tail_mass"]):
                 raise KdError(
-                    f"teacher cache: an example has {len(where)} labelled positions but {len(example['tail_mass'])} "
-                    f"teacher records; {fmt.REBUILD}."
+                    f"teacher cache: an example has {int(valid[row].sum())} labelled positions but "
+                    f"{len(example['tail_mass'])} teacher records; {fmt.REBUILD}."
                 )
-            ids[row, where] = example["topk_ids"].to(torch.long)
-            logprobs[row, where] = example["topk_logprobs"].float()
-            label_lp[row, where] = example["label_logprob"].float()
-            tail[row, where] = example["tail_mass"].float()
-        return {**batch, "topk_ids": ids, "topk_logprobs": logprobs, "label_logprob": label_lp, "tail_mass": tail}
+        records = SparseTeacher(
+            torch.cat([example["topk_ids"].to(torch.long) for example in examples]).reshape(-1, self.top_k),
+            torch.cat([example["topk_logprobs"].float() for example in examples]).reshape(-1, self.top_k),
+            torch.cat([example["label_logprob"].float() for example in examples]),
+            torch.cat([example["tail_mass"].float() for example in examples]),
+        ).placed(batch["labels"])
+        return {
+            **batch,
+            "topk_ids": records.topk_ids,
+            "topk_logprobs": records.topk_logprobs,
+            "label_logprob": records.label_logprob,
+            "tail_mass": records.tail_mass,
+        }
 
 
 class CachedTeacher:

@@ -13,6 +13,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,20 +21,22 @@ from kdcli.cache import format as fmt
 from kdcli.cache.fingerprint import (
     data_fingerprint,
     differences,
-    loss_temperature,
     mismatch_error,
     setup_of,
     teacher_fingerprint,
 )
+from kdcli.cache.scorers import Scorer, local_scorer, served_scorer
 from kdcli.data import Collator, build_examples, read_split
 from kdcli.data.formatting import Examples
 from kdcli.durable import FolderLock, write_bytes_atomic, write_json
 from kdcli.errors import KdError
 from kdcli.hardware import Runtime
+from kdcli.models.served import ServerGone, public_url
 
 if TYPE_CHECKING:
     import torch
 
+    from kdcli.models.served import ServedTeacher
     from kdcli.recipe import Recipe
 
 # (phase, split, done, total): phase "generate" counts examples, "cache" counts tokens.
@@ -121,7 +124,8 @@ def _write_cache(
 
     say = on_message or (lambda _: None)
     started = time.perf_counter()
-    top_k = top_k or recipe.cache.top_k
+    server = recipe.teacher.server
+    top_k = top_k or (server.top_k if server is not None else recipe.cache.top_k)
     if "eval" in splits and not recipe.data.eval:
         raise KdError("--split eval: the recipe has no data.eval. Set data.eval, or cache the train split only.")
     previous = check_out_dir(out, overwrite)
@@ -153,16 +157,63 @@ def _write_cache(
                 "Pass --overwrite to rebuild the cache, or choose another --out.",
             )
 
-    say(f"Loading teacher {recipe.teacher.model}")
-    model = load_teacher(recipe.teacher, runtime.inference_dtype).to(runtime.device)
-    fingerprint = teacher_fingerprint(recipe.teacher.model, model)
-    teacher = {"teacher": {**fingerprint, "parameters": model.num_parameters()}}
+    model: torch.nn.Module | None = None
+    served: ServedTeacher | None = None
+    if server is not None:
+        from kdcli.models.served import ServedTeacher
+
+        say(f"Asking the teacher served at {public_url(server.url)} ({server.model})")
+        served = ServedTeacher(server)
+        server_info = served.check(tokenizer, top_k)
+        teacher = {"teacher": {"id": recipe.teacher.model, "of": "server", "server": server_info}}
+        teacher["served_at"] = public_url(server.url)  # not part of what a resumed cache must match: a URL moves
+    else:
+        say(f"Loading teacher {recipe.teacher.model}")
+        model = load_teacher(recipe.teacher, runtime.inference_dtype).to(runtime.device)
+        fingerprint = teacher_fingerprint(recipe.teacher.model, model)
+        teacher = {"teacher": {**fingerprint, "parameters": model.num_parameters()}}
     manifest = {k: manifest[k] for k in ("format", "version")} | teacher | manifest
     if previous is not None:
         _check_resumable(previous, manifest, out, ("teacher",))
+    score = served_scorer(served, top_k) if served is not None else local_scorer(model, runtime, manifest, recipe)
+    job = _Job(recipe, out, manifest, tokenizer, runtime, model, served, score, started, on_progress, say)
+    try:
+        return _write_splits(job, splits, rows_of, data_fps)
+    except ServerGone as gone:
+        kept = sum(len(entry.get("shards", [])) for entry in manifest["splits"].values())
+        raise KdError(
+            f"{gone}; the {kept} finished shard(s) in {out} are kept: run the same command again to go on once it "
+            "answers."
+        ) from gone
+    finally:
+        if served is not None:
+            served.close()
 
+
+@dataclass
+class _Job:
+    """One `kd cache-teacher` run: where it writes, what scores the positions, and how it reports."""
+
+    recipe: Recipe
+    out: Path
+    manifest: dict[str, Any]
+    tokenizer: Any
+    runtime: Runtime
+    model: torch.nn.Module | None  # the local teacher, or None when it is served
+    served: ServedTeacher | None
+    score: Scorer
+    started: float
+    on_progress: Progress | None
+    say: Callable[[str], None]
+
+
+def _write_splits(
+    job: _Job, splits: Sequence[str], rows_of: dict[str, Any], data_fps: dict[str, Any]
+) -> dict[str, Any]:
+    """Every split's shards after the last complete one, the manifest saved after each; returns the manifest."""
+    recipe, out, manifest, on_progress, say = job.recipe, job.out, job.manifest, job.on_progress, job.say
     compute_seconds = 0.0  # forward + top-K + writing, without loading: what the writer's overhead is measured on
-    collate = Collator.for_tokenizer(tokenizer)
+    collate = Collator.for_tokenizer(job.tokenizer)
     for split in splits:
         rows, data_fp = rows_of[split], data_fps[split]
         assert rows is not None
@@ -174,7 +225,7 @@ def _write_cache(
         if entry.get("complete"):
             say(f"{split}: already cached ({len(entry['shards'])} shards)")
             continue
-        examples = _examples(recipe, split, rows, model, tokenizer, out, on_progress, say)
+        examples = _examples(recipe, split, rows, job.model, job.served, job.tokenizer, out, on_progress, say)
         plan = shard_plan([len(ids) for ids in examples.input_ids], recipe.cache.shard_tokens)
         if entry.get("plan") not in (None, plan):
             raise KdError(f"--out: {out}: the '{split}' shard plan changed; pass --overwrite to rebuild the cache.")
@@ -192,16 +243,17 @@ def _write_cache(
                     on_progress("cache", split, base + tokens, total)
 
             shard_started = time.perf_counter()
-            tensors, mass = _shard_tensors(model, examples, start, end, collate, runtime, manifest, recipe, batch_done)
+            tensors, mass = _shard_tensors(job.score, examples, start, end, collate, manifest, batch_done)
             info = _write_shard(out / split, index, tensors)
             entry["shards"].append({**info, "rows": end - start, "tokens": int(tensors["lengths"].sum()), **mass})
             _save_manifest(out, manifest)  # last: the shard is only listed once it is durably on disk
             compute_seconds += time.perf_counter() - shard_started
             progress = sum(s["tokens"] for s in entry["shards"])
         entry["complete"] = True
-    manifest["stats"] = cache_stats(manifest, time.perf_counter() - started) | {
+    where = job.runtime.describe() if job.served is None else f"server {job.manifest.get('served_at')}"
+    manifest["stats"] = cache_stats(manifest, time.perf_counter() - job.started) | {
         "shard_seconds_this_run": round(compute_seconds, 3),
-        "device": runtime.describe(),
+        "device": where,
     }
     _save_manifest(out, manifest)
     return manifest
@@ -223,7 +275,8 @@ def _examples(
     recipe: Recipe,
     split: str,
     rows: Sequence[Any],
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
+    served: ServedTeacher | None,
     tokenizer: Any,
     out: Path,
     on_progress: Progress | None,
@@ -243,7 +296,8 @@ def _examples(
         if on_progress:
             on_progress("generate", split, done, total)
 
-    return teacher_examples(recipe, split, rows, model, tokenizer, folder / fmt.RESPONSES, progress)  # type: ignore[arg-type]
+    teacher = served if served is not None else model
+    return teacher_examples(recipe, split, rows, teacher, tokenizer, folder / fmt.RESPONSES, progress)  # type: ignore[arg-type]
 
 
 def _verified_shards(folder: Path, shards: list[dict[str, Any]], say: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -264,37 +318,24 @@ def _verified_shards(folder: Path, shards: list[dict[str, Any]], say: Callable[[
 
 
 def _shard_tensors(
-    model: torch.nn.Module,
+    score: Scorer,
     examples: Examples,
     start: int,
     end: int,
     collate: Collator,
-    runtime: Runtime,
     manifest: dict[str, Any],
-    recipe: Recipe,
     on_batch: Callable[[int], None],
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     import torch
 
-    from kdcli.losses import SparseTeacher
-    from kdcli.models import logits_of
-
     writer = manifest["writer"]
     id_dtype, lp_dtype = fmt.torch_dtype(writer["id_dtype"]), fmt.torch_dtype(writer["logprob_dtype"])
-    top_k, vocab, temperature = writer["top_k"], writer["vocab"], loss_temperature(recipe)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in fmt.FIELDS}
     batch_size = writer["batch_size"]
     for lo in range(start, end, batch_size):
         batch = collate(examples[lo : min(end, lo + batch_size)])
-        on_device = runtime.to_device(batch)
-        with torch.no_grad():
-            logits = logits_of(model, on_device, runtime)
+        record = score(batch)
         valid = batch["labels"] != fmt.IGNORE_INDEX
-        labelled = valid.to(runtime.device)
-        # Only labelled rows are reduced to top-K: the softmax over V is the writer's whole overhead.
-        record = SparseTeacher.from_logits(
-            logits[..., :vocab][labelled], on_device["labels"][labelled], top_k, temperature
-        ).to("cpu")
         lengths = batch["attention_mask"].sum(dim=1)
         for row, length in enumerate(lengths.tolist()):
             parts["input_ids"].append(batch["input_ids"][row, :length].to(id_dtype))

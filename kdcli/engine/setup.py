@@ -20,7 +20,7 @@ from kdcli.data import Collator, build_examples, read_split
 from kdcli.durable import disk_errors
 from kdcli.engine.distributed import World, init_deepspeed, on_main_then_shared
 from kdcli.engine.observer import Observer
-from kdcli.engine.teachers import Batch, OnlineTeacher, TeacherSource
+from kdcli.engine.teachers import Batch, OnlineTeacher, ServedTeacherSource, TeacherSource
 from kdcli.errors import KdError
 from kdcli.hardware import Runtime
 from kdcli.models import (
@@ -32,6 +32,7 @@ from kdcli.models import (
     load_teacher,
     load_tokenizer,
     merged_state_dict,
+    parameters_of,
     save_adapter,
     student_config,
     student_tokenizer,
@@ -77,6 +78,8 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
     and dropped at once."""
     if recipe.teacher.cache:
         return _prepare_cached(recipe, runtime, observer)
+    if recipe.teacher.server is not None:
+        return _prepare_served(recipe, runtime, observer)
     if recipe.data.responses == "teacher":
         raise KdError(
             "data.responses: `teacher` trains on responses the teacher generated, which `kd cache-teacher` writes. "
@@ -115,15 +118,53 @@ def _prepare_cached(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     teacher_model, choice = None, None
     if _unscored(recipe):  # the teacher is read anyway to cut the student: it scores its layers first
         observer.message(f"Loading teacher {recipe.teacher.model} to choose the student's layers")
-        # fp32, as `build_student` reads the teacher to cut a student without one
-        teacher_model = load_teacher(recipe.teacher, torch.float32)
-        fp32 = Runtime(runtime.device, "fp32")
-        recipe, choice = choose_layers(recipe, teacher_model, cache.train_set, fp32, observer)
+        # In the precision an online run loads it in: the same scores (stored under one key), the same student.
+        teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
+        recipe, choice = choose_layers(recipe, teacher_model, cache.train_set, runtime, observer)
     student = _student(recipe, observer, teacher_model)
     del teacher_model
     return Prepared(
         recipe, cache.teacher, student, tokenizer, cache.width, cache.train_set, cache.eval_set, cache.collate, choice
     )
+
+
+def _prepare_served(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
+    """The teacher behind `teacher.server`: checked (it answers, serves that model with the recipe's tokenizer, at
+    that K) before any weight is read; its weights are read only where the student is cut from them."""
+    from kdcli.models.served import ServedTeacher, public_url
+
+    server = recipe.teacher.server
+    assert server is not None
+    if recipe.data.responses == "teacher":
+        raise KdError(
+            "data.responses: `teacher` trains on responses the teacher generated, which `kd cache-teacher` writes "
+            "(through the server too). Run `kd cache-teacher RECIPE --out DIR`, then set teacher.cache: DIR."
+        )
+    train_rows, eval_rows = read_split(recipe.data, "train"), read_split(recipe.data, "eval")
+    assert train_rows is not None
+    teacher_tokenizer = load_tokenizer(recipe.teacher.model)
+    tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
+    teacher_config = load_config(recipe.teacher.model)
+    config = student_config(recipe.student, teacher_config)
+    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_config, config)
+    if recipe.student.lora:
+        trainable_for(config, recipe.student.lora)
+    observer.message(f"Checking the teacher served at {public_url(server.url)} ({server.model})")
+    served = ServedTeacher(server)
+    served.check(teacher_tokenizer, server.top_k)
+    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
+    eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    teacher_model, choice = None, None
+    if recipe.student.init == "teacher":  # the student is cut from the teacher's weights: read once, then dropped
+        observer.message(f"Loading teacher {recipe.teacher.model} to cut the student from")
+        teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
+        recipe, choice = choose_layers(recipe, teacher_model, train_set, runtime, observer)
+    student = _student(recipe, observer, teacher_model)
+    del teacher_model
+    source = ServedTeacherSource(served, server.top_k, f"{server.model} served at {public_url(server.url)}")
+    source.num_parameters = parameters_of(teacher_config)
+    collate = Collator(tokenizer.pad_token_id)
+    return Prepared(recipe, source, student, tokenizer, width, train_set, eval_set, collate, choice)
 
 
 def _unscored(recipe: Recipe) -> bool:

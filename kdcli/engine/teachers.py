@@ -1,7 +1,8 @@
-"""Where the teacher's targets come from: a model run online, or (see `kdcli.cache`) a stored top-K cache.
+"""Where the teacher's targets come from: a model run online, a model behind a server (`teacher.server`), or (see
+`kdcli.cache`) a stored top-K cache.
 
 The training loop asks a `TeacherSource` for the targets of each batch and never cares which one it has, so a
-recipe switches between them with one key (`teacher.cache`).
+recipe switches between them with one key (`teacher.cache`, `teacher.server`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from kdcli.hardware import Runtime
 from kdcli.losses import ProjectedLogits, SparseTeacher
 from kdcli.models import FusedHead, logits_of, projected_logits_of
+from kdcli.models.served import ServedTeacher
 
 Batch = dict[str, torch.Tensor]
 Targets = torch.Tensor | ProjectedLogits | SparseTeacher
@@ -51,3 +53,21 @@ class OnlineTeacher:
         if self.head is not None:
             return projected_logits_of(self.head, batch, self.runtime, self.width)
         return logits_of(self.model, batch, self.runtime, self.width)
+
+
+class ServedTeacherSource:
+    """Asks a served teacher for each batch's top-K log-probs (`kdcli.models.served`): the records a cache holds,
+    laid out on the batch's labels, for the data's micro-batches and the student's sampled ones alike."""
+
+    def __init__(self, served: ServedTeacher, top_k: int, description: str) -> None:
+        self.served = served
+        self.top_k = top_k
+        self.description = description
+        self.num_parameters = 0  # a served teacher does not say
+
+    @torch.no_grad()
+    def targets(self, batch: Batch) -> SparseTeacher:
+        labels = batch["labels"]
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        records = self.served.sparse(batch["input_ids"].cpu(), lengths, labels.cpu(), self.top_k)
+        return records.placed(labels)

@@ -12,6 +12,7 @@ of the same temperature; `temperature` records it and the loss refuses a mismatc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,24 @@ class SparseTeacher:
             self.tail_mass.to(device),
             self.temperature,
         )
+
+    def placed(self, labels: Tensor) -> SparseTeacher:
+        """These records, one per labelled position of `labels` in row-major order, laid out [..., K] like the
+        labels. Unlabelled positions get distinct ids and a uniform record: the loss masks them, but ids must stay
+        distinct within a position."""
+        valid = labels != -100
+        if int(valid.sum()) != self.topk_ids.shape[0]:
+            raise ValueError(f"{self.topk_ids.shape[0]} records for {int(valid.sum())} labelled positions")
+        k, device = self.k, labels.device
+        ids = torch.arange(k, dtype=torch.long, device=device).expand(*labels.shape, k).clone()
+        logprobs = torch.full((*labels.shape, k), -math.log(k), dtype=torch.float32, device=device)
+        label_lp = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+        tail = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+        ids[valid] = self.topk_ids.to(device, torch.long)
+        logprobs[valid] = self.topk_logprobs.to(device, torch.float32)
+        label_lp[valid] = self.label_logprob.to(device, torch.float32)
+        tail[valid] = self.tail_mass.to(device, torch.float32)
+        return SparseTeacher(ids, logprobs, label_lp, tail, self.temperature)
 
     @classmethod
     @torch.no_grad()

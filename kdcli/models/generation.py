@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from kdcli.data.tokens import bos_to_add
 
@@ -196,14 +196,59 @@ def generate_batch(
         output = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=plan.config, **extra
         )
-    out: list[Generation] = []
-    for ids in output[:, input_ids.shape[1] :].tolist():
-        cut = next((k for k, t in enumerate(ids) if t in plan.stops), None)
-        kept = ids if cut is None else ids[:cut]
-        text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-        stopped: Stop = STOPPED_AT_EOS if cut is not None else "max_new_tokens"
-        out.append(Generation(kept, text, stopped, None if cut is None else ids[cut]))
-    return out
+    return [cut_at_stop(tokenizer, ids, plan.stops) for ids in output[:, input_ids.shape[1] :].tolist()]
+
+
+class Generator(Protocol):
+    """What writes a pass (`kdcli.models.generate_file`): a local model (`LocalGenerator`) or a served one
+    (`kdcli.models.served.ServedTeacher`)."""
+
+    def plan(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[Prompt],
+        settings: GenerationSettings,
+        batch_size: int,
+    ) -> GenerationPlan: ...
+
+    def batch(
+        self, tokenizer: PreTrainedTokenizerBase, plan: GenerationPlan, batch: int, seed: int | None
+    ) -> list[Generation]: ...
+
+    def session(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+@dataclass(frozen=True)
+class LocalGenerator:
+    """A model in this process: `plan_generation`, `generate_batch`, in eval mode."""
+
+    model: PreTrainedModel
+
+    def plan(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[Prompt],
+        settings: GenerationSettings,
+        batch_size: int,
+    ) -> GenerationPlan:
+        return plan_generation(self.model, tokenizer, prompts, settings, batch_size)
+
+    def batch(
+        self, tokenizer: PreTrainedTokenizerBase, plan: GenerationPlan, batch: int, seed: int | None
+    ) -> list[Generation]:
+        return generate_batch(self.model, tokenizer, plan, batch, seed)
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return eval_mode(self.model)
+
+
+def cut_at_stop(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stops: Sequence[int]) -> Generation:
+    """A response's new tokens as a `Generation`: up to the first stop token, decoded without special tokens."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+    kept = list(ids) if cut is None else list(ids[:cut])
+    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+    stopped: Stop = STOPPED_AT_EOS if cut is not None else "max_new_tokens"
+    return Generation(kept, text, stopped, None if cut is None else int(ids[cut]))
 
 
 @contextlib.contextmanager

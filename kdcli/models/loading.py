@@ -330,6 +330,17 @@ def weights_fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
+def parameters_of(config: PretrainedConfig) -> int:
+    """The parameters of a causal LM built from `config`, counted on the meta device (nothing is allocated): a
+    teacher kd never loads (`teacher.server`) is still reported by size."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_parameters(model: PreTrainedModel) -> int:
     """Distinct parameters: tied input/output embeddings count once; LoRA adapters not at all (the merged model's)."""
     return sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdcli.durable import append_text, json_lines, write_text_atomic
 from kdcli.errors import KdError
-from kdcli.models.generation import GenerationSettings, Prompt, eval_mode, generate_batch, plan_generation
+from kdcli.models.generation import GenerationSettings, Generator, LocalGenerator, Prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,7 +47,7 @@ def read_generations(path: Path, fix: str = "Delete it to generate the pass agai
 
 
 def generate_file(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Generator,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
     settings: GenerationSettings,
@@ -62,8 +62,10 @@ def generate_file(
 
     Each row is `{"index", **fields[index], "response", "tokens", "stopped"}`; `fields` (one mapping a prompt, in
     the order its keys should be written) defaults to `{"prompt": prompt}`. `seed` None: no reseeding (greedy).
+    `model` is a model in this process or a `Generator` (a served teacher).
     """
-    plan = plan_generation(model, tokenizer, prompts, settings, batch_size)
+    generator: Generator = model if hasattr(model, "session") else LocalGenerator(model)  # type: ignore[assignment]
+    plan = generator.plan(tokenizer, prompts, settings, batch_size)
     columns = list(fields) if fields is not None else [{"prompt": _jsonable(p)} for p in prompts]
     if len(columns) != len(prompts):
         raise ValueError(f"fields: {len(columns)} entries for {len(prompts)} prompts")
@@ -76,12 +78,12 @@ def generate_file(
     started = time.perf_counter()
     if on_progress:
         on_progress(rows_done, 0, 0.0)
-    with eval_mode(model):
+    with generator.session():
         for b, batch in enumerate(plan.batches):
             if b in done:
                 continue
             rows = []
-            for index, generation in zip(batch, generate_batch(model, tokenizer, plan, b, seed), strict=True):
+            for index, generation in zip(batch, generator.batch(tokenizer, plan, b, seed), strict=True):
                 rows.append(
                     {
                         "index": index,

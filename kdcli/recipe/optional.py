@@ -1,5 +1,5 @@
 """The recipe sections a run may leave out: DeepSpeed, the teacher cache's writer, teacher generation, on-policy
-sampling. Their defaults describe a run without them; `schema.Recipe` holds one of each.
+sampling, a teacher behind a server. Their defaults describe a run without them; `schema.Recipe` holds one of each.
 """
 
 from __future__ import annotations
@@ -93,3 +93,41 @@ class OnPolicyConfig(Section):
     def active(self) -> bool:
         """Whether any micro-batch can be sampled: a ratio above 0, or a schedule that may raise it."""
         return self.ratio > 0 or self.schedule == "adaptive"
+
+
+class ServerConfig(Section):
+    """`teacher.server`: the teacher behind vLLM (or any server of its OpenAI-compatible API with `prompt_logprobs`)."""
+
+    url: str = Field(..., description="The server's OpenAI-compatible base URL, e.g. `http://localhost:8000/v1`.")
+    model: str = Field(..., description="The served model's name (vLLM's `--served-model-name`, else its path).")
+    top_k: int = Field(
+        20,
+        ge=1,
+        description=(
+            "Teacher log-probs per position, asked as `prompt_logprobs` (vLLM's `--max-logprobs` bounds it, 20 by "
+            "default); also the K of `kd cache-teacher` with a server, unless `--top-k` says otherwise."
+        ),
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="The name of the environment variable holding the server's key, if it needs one (never the key).",
+    )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at most.")
+    timeout: float = Field(120.0, gt=0, description="Seconds to wait for one answer.")
+    retries: int = Field(
+        5, ge=0, description="Retries of a request that met 429, a 5xx, a timeout or a refused connection (backoff)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("give the server's base URL with its scheme, e.g. http://localhost:8000/v1")
+        return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_a_variable(cls, name: str | None) -> str | None:
+        if name is not None and not name.replace("_", "").isalnum():
+            raise ValueError("name the environment variable holding the key (e.g. VLLM_API_KEY), not the key itself")
+        return name

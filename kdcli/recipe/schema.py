@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from kdcli.recipe.optional import CacheConfig, DeepSpeedConfig, GenerationConfig, OnPolicyConfig
+from kdcli.recipe.optional import CacheConfig, DeepSpeedConfig, GenerationConfig, OnPolicyConfig, ServerConfig
 from kdcli.recipe.section import Section
 from kdcli.recipe.student import LayerChoice, StudentConfig
 
@@ -31,6 +31,14 @@ class TeacherConfig(Section):
         description=(
             "Folder written by `kd cache-teacher`: `kd distill` streams the teacher's top-K from it and never runs "
             "the teacher (see `docs/cache.md`)."
+        ),
+    )
+    server: ServerConfig | None = Field(
+        None,
+        description=(
+            "The teacher behind a vLLM (or OpenAI-compatible) server: `kd cache-teacher` and `kd distill` ask it for "
+            "the top-K log-probs instead of loading the teacher; `model` then names its tokenizer and config "
+            "(docs/served-teacher.md)."
         ),
     )
 
@@ -257,6 +265,20 @@ class Recipe(Section):
         if on_policy.schedule == "adaptive" and no_evals:
             raise ValueError("schedule: adaptive follows the eval loss; set train.eval_every and data.eval")
         return on_policy
+
+    @field_validator("loss")
+    @classmethod
+    def _served_teacher_at_temperature_one(cls, loss: LossConfig, info: ValidationInfo) -> LossConfig:
+        teacher = info.data.get("teacher")
+        temperature = float(loss.params.get("temperature", 1.0))
+        if teacher is not None and teacher.server is not None and temperature != 1.0:
+            raise ValueError(
+                f"params.temperature {temperature:g} needs the teacher's distribution at that temperature, and a "
+                "served teacher's prompt log-probs are at temperature 1 (vLLM applies a request's temperature to "
+                "sampling only), with a tail kd cannot rescale; use temperature 1 with teacher.server, or a local "
+                "teacher"
+            )
+        return loss
 
     @model_validator(mode="after")
     def _resolve_name(self) -> Recipe:
