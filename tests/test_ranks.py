@@ -1,0 +1,127 @@
+"""Many processes, on CPU over gloo. A rank that dies (SIGKILL) or fails alone (a full disk on rank 1 only, between
+two of DeepSpeed's checkpoint barriers) ends the whole job within seconds, with one line naming the rank and the
+cause; `--resume` continues with the uninterrupted run's losses, and under --grid the other runs go on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from scale_helpers import full_disk_on_rank, run_kd, start_kd, step_losses, stop_tree, wait_for
+from test_distill import tiny_recipe
+from test_resume import FAST
+
+TWO_RANKS = {**FAST, "train": {**FAST["train"], "grad_accum": 1}, "deepspeed": {"zero_stage": 2}}
+JOB_ENDS_WITHIN = 60.0  # seconds from a rank's death until every process of the job has exited
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Path:
+    """The uninterrupted run: `kd distill --nproc 2`, 12 steps, a checkpoint every 3."""
+    tmp_path = tmp_path_factory.mktemp("one-node")
+    result = run_kd(["distill", str(tiny_recipe(tmp_path, tiny_teacher, **TWO_RANKS)), "--nproc", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "runs" / "tiny"
+
+
+def assert_same_losses(run_dir: Path, reference: Path) -> float:
+    losses, expected = step_losses(run_dir), step_losses(reference)
+    assert losses.keys() == expected.keys()
+    deviation = max(abs(losses[step] - expected[step]) for step in expected)
+    assert deviation < 1e-5, deviation
+    return deviation
+
+
+def one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def ranks_of(launcher: subprocess.Popen[str]) -> dict[int, psutil.Process]:
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        rank = child.environ().get("RANK")
+        if rank is not None:
+            ranks[int(rank)] = child
+    return ranks
+
+
+def test_a_killed_rank_ends_the_job_and_resume_is_exact(tmp_path: Path, tiny_teacher: Path, one_node: Path) -> None:
+    recipe = tiny_recipe(tmp_path, tiny_teacher, **TWO_RANKS)
+    run_dir = tmp_path / "runs" / "tiny"
+    launcher = start_kd(["distill", str(recipe), "--nproc", "2"], tmp_path)
+    try:
+        wait_for(run_dir / "checkpoints" / "step-00000003" / "kd-state.json", launcher)
+        ranks = ranks_of(launcher)
+        assert sorted(ranks) == [0, 1]
+        killed = time.monotonic()
+        ranks[1].kill()
+        _, stderr = launcher.communicate(timeout=JOB_ENDS_WITHIN)
+        _, alive = psutil.wait_procs(
+            list(ranks.values()), timeout=max(0.0, JOB_ENDS_WITHIN - (time.monotonic() - killed))
+        )
+        seconds = time.monotonic() - killed
+    finally:
+        stop_tree(launcher)
+    assert not alive and seconds < JOB_ENDS_WITHIN, f"{alive} still running after {seconds:.1f} s"
+    print(f"the job ended {seconds:.2f} s after rank 1 was killed")
+    assert launcher.returncode == 128 + signal.SIGKILL
+    line = one_error_line(stderr)
+    assert "rank 1 of 2" in line and "killed by SIGKILL" in line, line
+    assert f"`kd distill --resume {run_dir} --nproc 2`" in line, line
+    assert not (run_dir / "run.json").exists(), "the run finished before it could be killed"
+
+    # Resumed, then stopped by a Ctrl-C at the launcher (a terminal sends it to the foreground group): every rank
+    # finishes its step and saves, and the run resumes from there.
+    resume = ["distill", "--resume", str(run_dir), "--nproc", "2"]
+    latest = max(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*"))
+    resumed = start_kd(resume, tmp_path)
+    try:
+        wait_for(run_dir / "checkpoints" / f"step-{latest + 3:08d}" / "kd-state.json", resumed)
+        os.killpg(resumed.pid, signal.SIGINT)
+        _, stderr = resumed.communicate(timeout=120)
+    finally:
+        stop_tree(resumed)
+    assert resumed.returncode == 130, stderr
+    assert f"checkpoint saved. Resume with: kd distill --resume {run_dir} --nproc 2" in " ".join(stderr.split())
+
+    result = run_kd(resume, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_same_losses(run_dir, one_node)
+
+
+def test_a_rank_failing_alone_ends_its_run_and_the_grid_goes_on(
+    tmp_path: Path, tiny_teacher: Path, one_node: Path
+) -> None:
+    recipe = tiny_recipe(tmp_path, tiny_teacher, **TWO_RANKS)
+    recipe.write_text(recipe.read_text().replace("name: tiny", "name: tiny-s{seed}"))
+    grid = ["distill", str(recipe), "--grid", "seed=0,1", "--nproc", "2"]
+    failed, other = tmp_path / "runs" / "tiny-s0", tmp_path / "runs" / "tiny-s1"
+    # Rank 1 of the first run cannot write its optimizer shard of the step-6 checkpoint: it fails inside DeepSpeed's
+    # save_checkpoint while rank 0 waits in DeepSpeed's closing barrier, and never learns why, only that rank 1 left.
+    env = full_disk_on_rank(tmp_path, 1, r"/tiny-s0/checkpoints/\.step-00000006\.tmp/deepspeed/zero_pp_rank_1")
+    process = start_kd(grid, tmp_path, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=400)
+    finally:
+        stop_tree(process)
+    assert process.returncode == 1, stderr
+    line = " ".join(one_error_line(stderr).split())
+    shard = failed / "checkpoints" / "step-00000006"
+    assert line.startswith(f"error: rank 1 of 2: no space left on device writing {shard} (needs ~"), line
+    assert f"resume with `kd distill --resume {failed} --nproc 2`" in line, line
+    assert "failed (exit 2)" in stdout and (other / "run.json").is_file(), stdout
+    assert sorted(p.name for p in (failed / "checkpoints").iterdir()) == ["step-00000003"], "no half-written one"
+
+    again = run_kd(grid, tmp_path, timeout=400)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((failed / "run.json").read_text())["resumed_from"] == 3
+    assert_same_losses(failed, one_node)  # the seed-0 point is the reference recipe under another name
