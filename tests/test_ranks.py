@@ -1,11 +1,14 @@
-"""Many processes, on CPU over gloo. A rank that dies (SIGKILL) or fails alone (a full disk on rank 1 only, between
-two of DeepSpeed's checkpoint barriers) ends the whole job within seconds, with one line naming the rank and the
-cause; `--resume` continues with the uninterrupted run's losses, and under --grid the other runs go on."""
+"""Many processes, many machines, on CPU over gloo. A rank that dies (SIGKILL) or fails alone (a full disk on rank 1
+only, between two of DeepSpeed's checkpoint barriers) ends the whole job within seconds, with one line naming the
+rank and the cause; `--resume` continues with the uninterrupted run's losses, and under --grid the other runs go on.
+Two torchrun "nodes" on this machine train and checkpoint as one node with two processes does, and that checkpoint
+resumes on one node; nodes that read other data are refused in one line naming the node."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,9 +16,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from scale_helpers import full_disk_on_rank, run_kd, start_kd, step_losses, stop_tree, wait_for
+import torch
+from scale_helpers import REPO, full_disk_on_rank, run_kd, start_kd, step_losses, stop_tree, wait_for
 from test_distill import tiny_recipe
 from test_resume import FAST
+
+from kdcli.engine.distributed import disagreement, free_port
 
 TWO_RANKS = {**FAST, "train": {**FAST["train"], "grad_accum": 1}, "deepspeed": {"zero_stage": 2}}
 JOB_ENDS_WITHIN = 60.0  # seconds from a rank's death until every process of the job has exited
@@ -125,3 +131,90 @@ def test_a_rank_failing_alone_ends_its_run_and_the_grid_goes_on(
     assert again.returncode == 0, again.stderr
     assert json.loads((failed / "run.json").read_text())["resumed_from"] == 3
     assert_same_losses(failed, one_node)  # the seed-0 point is the reference recipe under another name
+
+
+def two_nodes(args: list[str], cwds: list[Path], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """`kd ARGS` as two torchrun "nodes" of one process each, with their rendezvous on this machine."""
+    port = free_port()
+    nodes = [
+        start_kd(args, cwd, torchrun=["--nnodes=2", f"--node-rank={index}", "--nproc-per-node=1",
+                                      "--master-addr=127.0.0.1", f"--master-port={port}"])
+        for index, cwd in enumerate(cwds)
+    ]  # fmt: skip
+    try:
+        return [(node.wait(timeout), *node.communicate()) for node in nodes]
+    finally:
+        for node in nodes:
+            stop_tree(node)
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    def walk(value: object, key: str) -> dict[str, torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return {key: value}
+        items = (
+            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+        )
+        return {k: v for name, item in items for k, v in walk(item, f"{key}/{name}").items()}
+
+    return walk(torch.load(path, map_location="cpu", weights_only=False), "")
+
+
+def assert_same_checkpoint(ours: Path, theirs: Path) -> None:
+    files = sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*") if p.is_file())
+    for name in (f for f in files if f.endswith(".pt")):
+        mine, other = tensors(ours / name), tensors(theirs / name)
+        assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine), name
+    state, other_state = (json.loads((c / "kd-state.json").read_text()) for c in (ours, theirs))
+    assert {k for k in state if state[k] != other_state[k]} <= {"train_seconds"}
+
+
+def test_two_nodes_train_like_one_and_their_checkpoint_resumes_on_one(
+    tmp_path: Path, tiny_teacher: Path, one_node: Path
+) -> None:
+    recipe = tiny_recipe(tmp_path, tiny_teacher, **TWO_RANKS)
+    for code, _, stderr in two_nodes(["distill", str(recipe)], [tmp_path, tmp_path]):
+        assert code == 0, stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    print(f"two nodes vs one node: largest loss difference {assert_same_losses(run_dir, one_node):.3g}")
+    for name in ("step-00000009", "step-00000012"):
+        assert_same_checkpoint(run_dir / "checkpoints" / name, one_node / "checkpoints" / name)
+
+    # As if both nodes had died after step 9: one node with two processes takes the run over.
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000012")
+    shutil.rmtree(run_dir / "student")
+    (run_dir / "run.json").unlink()
+    result = run_kd(["distill", "--resume", str(run_dir), "--nproc", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from"] == 9
+    assert_same_losses(run_dir, one_node)
+
+
+def test_nodes_that_read_other_data_are_refused_naming_the_node(tmp_path: Path, tiny_teacher: Path) -> None:
+    # One recipe, data named relative to where each node runs: node 1's copy of train.jsonl is not node 0's.
+    recipe = tiny_recipe(tmp_path, tiny_teacher, **{**TWO_RANKS, "data": {**TWO_RANKS["data"], "train": "train.jsonl"}})
+    rows = (REPO / "kdcli" / "data" / "starter" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd, first in zip(cwds, (0, 1), strict=True):
+        cwd.mkdir()
+        (cwd / "train.jsonl").write_text("\n".join(rows[first : first + 30]) + "\n", encoding="utf-8")
+    for code, _, stderr in two_nodes(["distill", str(recipe)], cwds, timeout=180):
+        assert code != 0
+        line = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(line) == 1, stderr
+        assert "the nodes of this job disagree on data: node 1 (" in line[0] and "(rank 1) has " in line[0], line
+        assert "give every node the same data files" in line[0]
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
+
+
+def test_the_first_setting_that_differs_names_its_node() -> None:
+    views = [{"node": f"node {i} (h)", "kd": "0.1.0", "recipe": "r" * 64, "data": "d" * 64} for i in range(3)]
+    assert disagreement(views) is None
+    views[2] = {**views[2], "kd": "0.2.0", "data": "e" * 64}
+    assert disagreement(views) == (
+        "the nodes of this job disagree on kd: node 2 (h) (rank 2) has 0.2.0, node 0 (h) (rank 0) has 0.1.0; "
+        "install the same kd version on every node."
+    )
+    views[2]["kd"] = "0.1.0"
+    assert "disagree on data: node 2 (h) (rank 2) has eeeeeeeeeeee…, node 0 (h)" in (disagreement(views) or "")
