@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +217,13 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class FolderLock:
-    """An exclusive lock on a folder kd writes (a run folder, a cache), held by one process at a time.
+    """An exclusive lock on a folder kd writes (a run folder, a cache, a converted built-in model), held by one
+    process at a time.
 
     The lock is `flock` on `.<name>.lock` beside the folder, not inside it: `--overwrite` replaces the folder, and
     the lock must outlive that. The kernel drops a flock when its process dies, so a lock left by a killed run is
     simply taken over; the file's text (pid, host, command, start time) only tells the refused user who holds it.
+    Where there is no flock (Windows) the lock holds nothing back.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -229,24 +231,50 @@ class FolderLock:
         self.path = self.folder.parent / f".{self.folder.name}.lock"
         self._handle: Any = None
 
-    def acquire(self) -> None:
-        import fcntl
+    def acquire(self, *, wait: Callable[[str], None] | None = None) -> None:
+        """Take the lock, or raise a `KdError` naming its holder; with `wait`, wait for the holder instead (`wait`
+        first receives who holds it)."""
+        if not self._take(blocking=False):
+            if wait is None:
+                raise KdError(
+                    f"{self.folder}: in use by {self._holder()}. Wait for it to finish or stop it; "
+                    "two commands never write one folder."
+                )
+            wait(self._holder())
+            self._take(blocking=True)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; never waits."""
+        return self._take(blocking=False)
+
+    def _take(self, *, blocking: bool) -> bool:
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError:
+            handle.close()
+            return False
+        self._handle = handle
+        self._write_holder()
+        return True
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def _write_holder(self) -> None:
         import socket
         import sys
         import time
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise KdError(
-                f"{self.folder}: in use by {holder}. Wait for it to finish or stop it; "
-                "two commands never write one folder."
-            ) from None
+        handle = self._handle
         handle.seek(0)
         handle.truncate()
         command = " ".join(["kd", *sys.argv[1:]])[:200]
@@ -255,7 +283,6 @@ class FolderLock:
         # the command here (its first real write reports the full disk, with the path and the space).
         with contextlib.suppress(OSError):
             os.write(handle.fileno(), holder.encode("utf-8"))
-        self._handle = handle
 
     def release(self) -> None:
         if self._handle is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -341,6 +342,7 @@ def test_concurrent_conversions_convert_once(fake_conversion: list[int], monkeyp
     assert len(fake_conversion) == 1
     assert messages["a"] == [CONVERTING]
     assert len(messages["b"]) == 1 and messages["b"][0].startswith("Waiting")
+    assert f"pid {os.getpid()} on " in messages["b"][0]  # who holds the lock
 
 
 # --------------------------------------------------------------------------------------------- resolving specs

@@ -21,17 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.durable import fsync_dir, fsync_tree
+from kdcli.durable import FolderLock, fsync_dir, fsync_tree
 from kdcli.durable import sha256_file as _sha256_file  # module-level name: tests replace it
 from kdcli.errors import KdError, did_you_mean
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; conversions are then only atomic, not serialized
-    fcntl = None  # type: ignore[assignment]
 
 PREFIX = "builtin:"
 # Bumped when the layout of a converted folder changes, so old conversions are redone rather than misread.
@@ -192,29 +187,6 @@ def _is_complete(folder: Path, spec: BuiltinModel) -> bool:
     return source is None or meta.get("version") == source["version"]
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path, on_message: Message | None, *, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive flock on `lock_path`; yields whether it is held (always, unless `wait=False`)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        held = True
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held = False
-                if wait:
-                    if on_message is not None:
-                        on_message(f"Waiting for another process to finish converting ({lock_path.name})…")
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-                    held = True
-        try:
-            yield held
-        finally:
-            if held and fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _sweep_leftovers(root: Path, name: str) -> None:
     """Remove temp folders of dead conversions. Call only under the lock: then none of them is still being written."""
     for stale in root.glob(f".tmp-{name}-*"):
@@ -302,15 +274,17 @@ def builtin_model_dir(name: str, *, on_message: Message | None = None) -> Path:
     say = on_message or _stderr_message
     root = _models_root()
     final = root / spec.name
-    lock = root / f".{spec.name}.lock"
+    lock = FolderLock(final)
     if _is_complete(final, spec):
-        if any(root.glob(f".tmp-{spec.name}-*")):  # a killed conversion's leftover: sweep it unless one is running
-            with _locked(lock, None, wait=False) as held:
-                if held:
-                    _sweep_leftovers(root, spec.name)
+        if any(root.glob(f".tmp-{spec.name}-*")) and lock.try_acquire():
+            try:  # a killed conversion's leftover: swept unless a conversion is running
+                _sweep_leftovers(root, spec.name)
+            finally:
+                lock.release()
         return final
     gguf = builtin_gguf_path(spec.name)
-    with _locked(lock, say):
+    lock.acquire(wait=lambda holder: say(f"Waiting for another process to finish converting ({holder})…"))
+    try:
         if _is_complete(final, spec):  # another process converted it while we waited for the lock
             return final
         _sweep_leftovers(root, spec.name)
@@ -348,4 +322,6 @@ def builtin_model_dir(name: str, *, on_message: Message | None = None) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    finally:
+        lock.release()
     return final
