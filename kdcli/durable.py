@@ -221,8 +221,9 @@ class FolderLock:
     process at a time.
 
     The lock is `flock` on `.<name>.lock` beside the folder, not inside it: `--overwrite` replaces the folder, and
-    the lock must outlive that. The kernel drops a flock when its process dies, so a lock left by a killed run is
-    simply taken over; the file's text (pid, host, command, start time) only tells the refused user who holds it.
+    the lock must outlive that. It is removed when released, so no lock file outlives its command. The kernel drops
+    a flock when its process dies, so a lock left by a killed run is simply taken over; the file's text (pid, host,
+    command, start time) only tells the refused user who holds it.
     Where there is no flock (Windows) the lock holds nothing back.
     """
 
@@ -252,16 +253,28 @@ class FolderLock:
             import fcntl
         except ImportError:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError:
-            handle.close()
-            return False
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError:
+                handle.close()
+                return False
+            if self._still_there(handle):
+                break
+            handle.close()  # the holder removed this file as it let go: lock the one at the path now
         self._handle = handle
         self._write_holder()
         return True
+
+    def _still_there(self, handle: Any) -> bool:
+        """Whether the file this handle locked is still the one at `path` (release unlinks it)."""
+        try:
+            here, locked = os.stat(self.path), os.fstat(handle.fileno())
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
 
     def _holder(self) -> str:
         try:
@@ -285,8 +298,12 @@ class FolderLock:
             os.write(handle.fileno(), holder.encode("utf-8"))
 
     def release(self) -> None:
+        """Remove the lock file, then let go. A process that opened it meanwhile and locks it next finds it gone
+        (`_still_there`) and locks the path's new file instead, so two never hold the lock at once. A killed
+        holder's file stays until the next command on the folder takes it over and releases it."""
         if self._handle is not None:
-            # The file stays: unlinking it would let a third process lock a new file while a second waits on this one.
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             self._handle.close()
             self._handle = None
 

@@ -310,7 +310,9 @@ def test_interrupted_conversion_leaves_nothing_loadable(
     assert not leftover.exists()
 
 
-def test_concurrent_conversions_convert_once(fake_conversion: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_conversions_convert_once(
+    fake_conversion: list[int], kd_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first_started, second_waiting = threading.Event(), threading.Event()
     load = builtin._load_gguf
 
@@ -343,6 +345,7 @@ def test_concurrent_conversions_convert_once(fake_conversion: list[int], monkeyp
     assert messages["a"] == [CONVERTING]
     assert len(messages["b"]) == 1 and messages["b"][0].startswith("Waiting")
     assert f"pid {os.getpid()} on " in messages["b"][0]  # who holds the lock
+    assert list((kd_home / "models").glob(".*.lock")) == []  # removed once the conversion let go
 
 
 # --------------------------------------------------------------------------------------------- resolving specs

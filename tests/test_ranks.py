@@ -102,6 +102,7 @@ def test_a_killed_rank_ends_the_job_and_resume_is_exact(tmp_path: Path, tiny_tea
     result = run_kd(resume, tmp_path)
     assert result.returncode == 0, result.stderr
     assert_same_losses(run_dir, one_node)
+    assert list(tmp_path.rglob(".*.lock")) == [], "the killed run's lock file outlived the run that took it over"
 
 
 def test_a_rank_failing_alone_ends_its_run_and_the_grid_goes_on(
@@ -131,6 +132,7 @@ def test_a_rank_failing_alone_ends_its_run_and_the_grid_goes_on(
     assert again.returncode == 0, again.stderr
     assert json.loads((failed / "run.json").read_text())["resumed_from"] == 3
     assert_same_losses(failed, one_node)  # the seed-0 point is the reference recipe under another name
+    assert list(tmp_path.rglob(".*.lock")) == []
 
 
 def two_nodes(args: list[str], cwds: list[Path], timeout: float = 300) -> list[tuple[int, str, str]]:
