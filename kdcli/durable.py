@@ -208,12 +208,12 @@ def append_text(path: Path, text: str) -> None:
             os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: Path, text: str, *, share: bool = False) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), share=share)
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: Path, data: Any, *, share: bool = False) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n", share=share)
 
 
 class FolderLock:

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.durable import FolderLock, fsync_dir, fsync_tree
+from kdcli.durable import FolderLock, disk_errors, fsync_dir, fsync_tree, write_json
 from kdcli.durable import sha256_file as _sha256_file  # module-level name: tests replace it
 from kdcli.errors import KdError, did_you_mean
 
@@ -126,16 +126,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def builtin_fingerprint(name: str) -> str:
     """sha256 of the built-in's GGUF file; cached beside the converted folder, keyed on the file's size and mtime."""
     spec = builtin_spec(name)
@@ -155,7 +145,7 @@ def builtin_fingerprint(name: str) -> str:
         return cached["sha256"]
     digest = _sha256_file(gguf)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(cache, {**key, "sha256": digest})
+    write_json(cache, {**key, "sha256": digest}, share=True)
     return digest
 
 
@@ -289,39 +279,44 @@ def builtin_model_dir(name: str, *, on_message: Message | None = None) -> Path:
             return final
         _sweep_leftovers(root, spec.name)
         say(f"Converting {PREFIX}{spec.name} to safetensors (once, ~20 s)…")
-        tmp = root / f".tmp-{spec.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            with _quiet_progress():
-                model, tokenizer = _load_gguf(gguf)
-                _strip_gguf_quantizer(model)
-                pad_set = ensure_pad_token(tokenizer)
-                _save_converted(model, tokenizer, tmp)
-            del model
-            source = _installed_source(spec) or {}
-            _write_json_atomic(
-                tmp / MARKER,
-                {
-                    "format": CONVERSION_FORMAT,
-                    "builtin": PREFIX + spec.name,
-                    **source,
-                    "gguf": spec.file,
-                    "gguf_sha256": builtin_fingerprint(spec.name),
-                    "dtype": "float32",
-                    "pad_token_set_by_kd": pad_set,
-                },
-            )
-            fsync_tree(tmp, share=True)
-            if final.exists():
-                # An outdated or unmarked folder: moved aside in one rename (deleting it in place could leave a
-                # marker without weights), and removed by the stale-folder sweep if we die before the rmtree.
-                old = root / f".tmp-{spec.name}-{os.getpid()}-{secrets.token_hex(4)}-old"
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, final)
-            fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with _quiet_progress():
+            model, tokenizer = _load_gguf(gguf)
+        _strip_gguf_quantizer(model)
+        pad_set = ensure_pad_token(tokenizer)
+        marker = {
+            "format": CONVERSION_FORMAT,
+            "builtin": PREFIX + spec.name,
+            **(_installed_source(spec) or {}),
+            "gguf": spec.file,
+            "gguf_sha256": builtin_fingerprint(spec.name),
+            "dtype": "float32",
+            "pad_token_set_by_kd": pad_set,
+        }
+        # A failed write (a full disk) is one line naming the folder and the space its fp32 weights take.
+        with disk_errors(final, 4 * sum(p.numel() for p in model.parameters())):
+            _publish(model, tokenizer, marker, final, root / f".tmp-{spec.name}-{os.getpid()}-{secrets.token_hex(4)}")
     finally:
         lock.release()
     return final
+
+
+def _publish(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, marker: dict[str, Any], final: Path, tmp: Path
+) -> None:
+    """Write the converted model into `tmp`, its marker last, and rename it into place; a failure leaves no `tmp`."""
+    try:
+        with _quiet_progress():
+            _save_converted(model, tokenizer, tmp)
+        write_json(tmp / MARKER, marker)
+        fsync_tree(tmp, share=True)
+        if final.exists():
+            # An outdated or unmarked folder: moved aside in one rename (deleting it in place could leave a
+            # marker without weights), and removed by the stale-folder sweep if we die before the rmtree.
+            old = final.with_name(f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}-old")
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
