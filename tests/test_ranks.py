@@ -220,3 +220,37 @@ def test_the_first_setting_that_differs_names_its_node() -> None:
     )
     views[2]["kd"] = "0.1.0"
     assert "disagree on data: node 2 (h) (rank 2) has eeeeeeeeeeee…, node 0 (h)" in (disagreement(views) or "")
+
+
+def test_the_rank_that_started_it_is_the_one_named() -> None:
+    from kdcli.engine.failure import RankFailure, describe, first_cause, lost_peer
+    from kdcli.errors import KdError
+
+    gloo = RuntimeError("[third_party/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    assert lost_peer(gloo)
+    try:
+        try:
+            raise gloo
+        except RuntimeError as err:
+            raise OSError("while cleaning up") from err
+    except OSError as chained:
+        assert lost_peer(chained)  # a collective error anywhere in the chain
+    assert not lost_peer(KdError("no space left on device writing x")) and not lost_peer(ValueError("gloo"))
+    assert not lost_peer(RuntimeError("the request timed out"))
+
+    def report(kind: str, at: float, message: str, code: int = 1) -> dict:
+        return {"message": message, "kd": {"kind": kind, "exit_code": code, "at": at}}
+
+    peer = RankFailure(0, 1, 10, report("lost peer", 1.0, "rank 0 of 2 lost contact with another rank (...)"))
+    full = RankFailure(1, 2, 11, report("error", 2.0, "rank 1 of 2: no space left ...", 2))
+    killed, stopped = RankFailure(1, -9, 11, seen_at=3.0), RankFailure(0, -15, 10, seen_at=2.0)
+    assert first_cause([peer, full]) is full  # its own error, though reported after the peer lost it
+    assert first_cause([stopped, killed]) is killed  # the agent's SIGTERM only followed the kill
+    assert first_cause([peer, stopped]) is stopped
+    assert describe(full, 2, "resume with X") == ("rank 1 of 2: no space left ...", 2)
+    assert describe(killed, 2, "resume with X") == (
+        "rank 1 of 2 (pid 11) was killed by SIGKILL (out of memory? see `dmesg`); every rank was stopped; "
+        "resume with X.",
+        137,
+    )
+    assert describe(peer, 2, "resume with X")[0].endswith("(...); every rank was stopped; resume with X.")

@@ -33,9 +33,9 @@ ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # set by torchrun's agent for each w
 LAUNCHER_ENV = "KD_LAUNCHER"  # set by kd's launcher: it prints the one line, so the ranks stay quiet
 
 # What a collective says when another rank is gone (gloo, NCCL, the c10d store): this rank did not fail first.
+# Only a RuntimeError from torch.distributed carries these words; anything else is this rank's own failure.
 _LOST_PEER = re.compile(
-    r"connection (reset|closed|refused)|broken pipe|end of file|socket|timed? ?out|gloo|nccl|tcpstore|"
-    r"process ?group|heartbeat|watchdog",
+    r"connection (reset|closed|refused)|broken pipe|gloo|nccl|tcpstore|process ?group|heartbeat|watchdog",
     re.IGNORECASE,
 )
 
