@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ def eval_noise(rows: list[tuple[float, int]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/kd-bench-cache"), help="caches and runs go here")
+    work = Path(tempfile.gettempdir()) / "kd-bench-cache"
+    parser.add_argument("--work", type=Path, default=work, help="caches and runs go here (default: %(default)s)")
     parser.add_argument("--subset", type=int, default=64, help="train examples for the size and writer timings")
     parser.add_argument("--max-steps", type=int, default=None, help="shorten the training runs")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")

@@ -5,10 +5,12 @@ the other, each trainer in its own process; tokens/s, peak RSS and the eval loss
     python bench/versus_trl.py --steps 3 --no-doc    # a quick check of the script
     python bench/versus_trl.py --precision bf16 --trl-data messages
 
-TRL lives in its own virtual environment (its transformers pin is its own), made once with:
+TRL lives in its own virtual environment (its transformers pin is its own), made once, beside kd's `.venv`, with:
 
-    python -m venv /work/trl-env
-    /work/trl-env/bin/pip install torch==2.13.0 trl
+    python -m venv .trl-env
+    .trl-env/bin/pip install torch==2.13.0 trl
+
+(elsewhere: pass `--trl-python`, or set $KD_TRL_PYTHON).
 
 Stages, each a child process (this file runs itself with a hidden first argument):
 
@@ -54,7 +56,7 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Side by side with TRL"
 DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
-DEFAULT_TRL_PYTHON = "/work/trl-env/bin/python"
+DEFAULT_TRL_PYTHON = os.environ.get("KD_TRL_PYTHON") or str(REPO / ".trl-env" / "bin" / "python")
 TRAINERS = ("kd", "trl")
 IGNORE_INDEX = -100
 
@@ -590,6 +592,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PATH_OPTIONS = ("--work-dir", "--trl-python", "--kd-python")
+
+
+def portable_args(argv: Sequence[str]) -> list[str]:
+    """The command line as docs/benchmarks.md records it: the values of options that name this machine's paths
+    become the option's name (`--work-dir DIR`), so no committed file holds them."""
+    out: list[str] = []
+    for arg in argv:
+        option, equals, _ = arg.partition("=")
+        if equals and option in PATH_OPTIONS:
+            out.append(f"{option}={option.strip('-').split('-')[-1].upper()}")
+        elif out and out[-1] in PATH_OPTIONS:
+            out.append(out[-1].strip("-").split("-")[-1].upper())
+        else:
+            out.append(arg)
+    return out
+
+
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     p = paths(work)
     cfg = {
@@ -626,7 +646,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if "trl" in runs:
         versions["trl"] = runs["trl"]["versions"]
     return {
-        "command": " ".join(["python bench/versus_trl.py", *map(shlex.quote, sys.argv[1:])]),
+        "command": " ".join(["python bench/versus_trl.py", *map(shlex.quote, portable_args(sys.argv[1:]))]),
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "load": (load_start, load_end),

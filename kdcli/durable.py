@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,20 +208,23 @@ def append_text(path: Path, text: str) -> None:
             os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: Path, text: str, *, share: bool = False) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), share=share)
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: Path, data: Any, *, share: bool = False) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n", share=share)
 
 
 class FolderLock:
-    """An exclusive lock on a folder kd writes (a run folder, a cache), held by one process at a time.
+    """An exclusive lock on a folder kd writes (a run folder, a cache, a converted built-in model), held by one
+    process at a time.
 
     The lock is `flock` on `.<name>.lock` beside the folder, not inside it: `--overwrite` replaces the folder, and
-    the lock must outlive that. The kernel drops a flock when its process dies, so a lock left by a killed run is
-    simply taken over; the file's text (pid, host, command, start time) only tells the refused user who holds it.
+    the lock must outlive that. It is removed when released, so no lock file outlives its command. The kernel drops
+    a flock when its process dies, so a lock left by a killed run is simply taken over; the file's text (pid, host,
+    command, start time) only tells the refused user who holds it.
+    Where there is no flock (Windows) the lock holds nothing back.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -229,24 +232,62 @@ class FolderLock:
         self.path = self.folder.parent / f".{self.folder.name}.lock"
         self._handle: Any = None
 
-    def acquire(self) -> None:
-        import fcntl
+    def acquire(self, *, wait: Callable[[str], None] | None = None) -> None:
+        """Take the lock, or raise a `KdError` naming its holder; with `wait`, wait for the holder instead (`wait`
+        first receives who holds it)."""
+        if not self._take(blocking=False):
+            if wait is None:
+                raise KdError(
+                    f"{self.folder}: in use by {self._holder()}. Wait for it to finish or stop it; "
+                    "two commands never write one folder."
+                )
+            wait(self._holder())
+            self._take(blocking=True)
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; never waits."""
+        return self._take(blocking=False)
+
+    def _take(self, *, blocking: bool) -> bool:
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError:
+                handle.close()
+                return False
+            if self._still_there(handle):
+                break
+            handle.close()  # the holder removed this file as it let go: lock the one at the path now
+        self._handle = handle
+        self._write_holder()
+        return True
+
+    def _still_there(self, handle: Any) -> bool:
+        """Whether the file this handle locked is still the one at `path` (release unlinks it)."""
+        try:
+            here, locked = os.stat(self.path), os.fstat(handle.fileno())
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text(encoding="utf-8").strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def _write_holder(self) -> None:
         import socket
         import sys
         import time
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115  (held for the lock's lifetime)
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise KdError(
-                f"{self.folder}: in use by {holder}. Wait for it to finish or stop it; "
-                "two commands never write one folder."
-            ) from None
+        handle = self._handle
         handle.seek(0)
         handle.truncate()
         command = " ".join(["kd", *sys.argv[1:]])[:200]
@@ -255,11 +296,14 @@ class FolderLock:
         # the command here (its first real write reports the full disk, with the path and the space).
         with contextlib.suppress(OSError):
             os.write(handle.fileno(), holder.encode("utf-8"))
-        self._handle = handle
 
     def release(self) -> None:
+        """Remove the lock file, then let go. A process that opened it meanwhile and locks it next finds it gone
+        (`_still_there`) and locks the path's new file instead, so two never hold the lock at once. A killed
+        holder's file stays until the next command on the folder takes it over and releases it."""
         if self._handle is not None:
-            # The file stays: unlinking it would let a third process lock a new file while a second waits on this one.
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             self._handle.close()
             self._handle = None
 

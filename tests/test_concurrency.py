@@ -92,3 +92,46 @@ def test_the_lock_is_released_after_a_run(tmp_path: Path) -> None:
         pass
     with FolderLock(folder) as again:  # the same process can take it again once released
         assert again.path.read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_no_lock_file_outlives_its_command(tmp_path: Path, tiny_teacher: Path) -> None:
+    runs = tmp_path / "runs"
+    recipe = tiny_recipe(tmp_path, tiny_teacher, train={"max_steps": 2, "save_every": 1})
+    assert runner.invoke(app, ["distill", str(recipe)]).exit_code == 0
+    assert list(runs.glob(".*.lock")) == []
+    failed = runner.invoke(app, ["distill", str(recipe), "--overwrite", "--set", "data.train=missing.jsonl"])
+    assert failed.exit_code == 2 and "missing.jsonl" in failed.output, failed.output
+    assert list(runs.glob(".*.lock")) == []  # a run that failed holding it too
+    # A killed holder leaves its file; the next command takes the lock over and removes it with its own.
+    holder = hold_lock(runs / "tiny")
+    stop(holder)
+    assert [p.name for p in runs.glob(".*.lock")] == [".tiny.lock"]
+    assert runner.invoke(app, ["distill", "--resume", str(runs / "tiny")]).exit_code == 0
+    assert list(runs.glob(".*.lock")) == []
+    out = tmp_path / "cache"
+    assert runner.invoke(app, ["cache-teacher", str(recipe), "--out", str(out), "--top-k", "4"]).exit_code == 0
+    assert list(tmp_path.glob(".*.lock")) == []
+
+
+def test_a_waiter_on_a_removed_lock_file_takes_the_new_one(tmp_path: Path) -> None:
+    """Release removes the file: a process already waiting on it must not hold a lock on a file no one else sees."""
+    import threading
+
+    from kdcli.durable import FolderLock
+
+    folder = tmp_path / "run"
+    first, second, third = FolderLock(folder), FolderLock(folder), FolderLock(folder)
+    first.acquire()
+    waiting = threading.Event()
+    waiter = threading.Thread(target=lambda: second.acquire(wait=lambda holder: waiting.set()))
+    waiter.start()
+    assert waiting.wait(10)
+    time.sleep(0.3)  # the waiter now blocks on the file `first` holds
+    first.release()
+    waiter.join(10)
+    assert not waiter.is_alive() and second.path.is_file()
+    assert not third.try_acquire(), "two holders at once"
+    second.release()
+    assert third.try_acquire()
+    third.release()
+    assert not third.path.exists()

@@ -4,6 +4,7 @@ reuse and resume, targets and data formats, bad input, and an eval of a quicksta
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -305,7 +306,28 @@ def test_run_folder_uses_the_recipe_template_and_eval_split(tmp_path: Path, tiny
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (run / "eval" / "starter" / "seed-3.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["prompt"].startswith("### Q:\n") and r["prompt"].endswith("### A:\n") for r in rows)
-    assert json.loads((run / "eval" / "results.json").read_text())["target"]["kind"] == "run"
+    assert json.loads((run / "eval" / "results.json").read_text())["target"] == {
+        "kind": "run",
+        "name": "tiny-eval",
+        "model": "student",
+    }
+
+    # The run folder copied to another place (the original gone): its passes are reused as they are, no --force.
+    copy = shutil.copytree(run, tmp_path / "elsewhere" / "tiny-eval")
+    shutil.rmtree(run)
+    before = (copy / "eval" / "starter" / "seed-3.jsonl").read_bytes()
+    again = kd_eval(str(copy), "--seeds", "3", "--max-new-tokens", "4")
+    assert again.exit_code == 0 and "seed-3: reused" in again.output, again.output
+    assert (copy / "eval" / "starter" / "seed-3.jsonl").read_bytes() == before
+    generation = copy / "eval" / "starter" / "generation.json"
+    assert json.loads(generation.read_text())["inputs"]["model"] == "student"
+    # A record of an older kd, which held the student's absolute path, is reused too, and rewritten without it.
+    record = json.loads(generation.read_text())
+    record["inputs"]["model"] = str(run / "student")
+    generation.write_text(json.dumps(record))
+    again = kd_eval(str(copy), "--seeds", "3", "--max-new-tokens", "4")
+    assert again.exit_code == 0 and "seed-3: reused" in again.output, again.output
+    assert json.loads(generation.read_text())["inputs"]["model"] == "student"
 
 
 @pytest.mark.parametrize(

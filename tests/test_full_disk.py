@@ -309,6 +309,25 @@ def test_a_full_disk_writing_the_judge_cache_keeps_the_replies_before(
     assert entry["judge"]["failed_verdicts"] == 0 and len(cache.read_text().splitlines()) == 16
 
 
+# --- kd compare --plot -------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_writing_the_plot_leaves_no_file(tmp_path: Path, full_disk: Callable[..., FullDisk]) -> None:
+    from compare_fixtures import make_run
+
+    runs = [make_run(tmp_path, "fkl"), make_run(tmp_path, "akl", divergence="akl")]
+    out = tmp_path / "compare.png"
+    disk = full_disk(r"/\.compare\.png\.")
+    result = runner.invoke(app, ["compare", *map(str, runs), "--plot", str(out), "--resamples", "200"])
+    assert disk.refused and result.exit_code == 2, result.output
+    assert_one_error_line(result.output, out, "run the same command again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["akl", "fkl"], "no plot, whole or partial"
+
+    disk.free()
+    result = runner.invoke(app, ["compare", *map(str, runs), "--plot", str(out), "--resamples", "200"])
+    assert result.exit_code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", result.output
+
+
 # --- a real full disk -------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -309,7 +310,30 @@ def test_interrupted_conversion_leaves_nothing_loadable(
     assert not leftover.exists()
 
 
-def test_concurrent_conversions_convert_once(fake_conversion: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(
+    fake_conversion: list[int], kd_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_full_disk import FullDisk
+
+    from kdcli.durable import DiskFull
+
+    models = kd_home / "models"
+    disk = FullDisk(rf"/models/\.tmp-{NAME}-[^/]+/model\.safetensors$").install(monkeypatch)
+    with pytest.raises(DiskFull) as err:
+        builtin_model_dir(BUILTIN, on_message=lambda _: None)
+    assert disk.refused
+    assert str(err.value).startswith(f"no space left on device writing {models / NAME} (needs ~"), str(err.value)
+    assert "Free space, then run the same command again" in str(err.value)
+    assert sorted(p.name for p in models.iterdir()) == [f"{NAME}.sha256.json"], "no folder, temporary or lock"
+
+    disk.free()
+    assert builtin_model_dir(BUILTIN, on_message=lambda _: None) == models / NAME
+    assert (models / NAME / builtin.MARKER).is_file() and len(fake_conversion) == 2
+
+
+def test_concurrent_conversions_convert_once(
+    fake_conversion: list[int], kd_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first_started, second_waiting = threading.Event(), threading.Event()
     load = builtin._load_gguf
 
@@ -341,6 +365,8 @@ def test_concurrent_conversions_convert_once(fake_conversion: list[int], monkeyp
     assert len(fake_conversion) == 1
     assert messages["a"] == [CONVERTING]
     assert len(messages["b"]) == 1 and messages["b"][0].startswith("Waiting")
+    assert f"pid {os.getpid()} on " in messages["b"][0]  # who holds the lock
+    assert list((kd_home / "models").glob(".*.lock")) == []  # removed once the conversion let go
 
 
 # --------------------------------------------------------------------------------------------- resolving specs

@@ -75,7 +75,8 @@ _state = {"debug": False}
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Bad input becomes one line on stderr and exit code 2; `kd --debug` shows the traceback instead."""
+    """Bad input becomes one line on stderr and exit code 2 (or the error's own `exit_code`: a job whose rank
+    failed ends with that rank's); `kd --debug` shows the traceback instead."""
     try:
         yield
     except KdError as err:
@@ -86,7 +87,7 @@ def user_errors() -> Iterator[None]:
         from kdcli.ui import err_console
 
         err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(getattr(err, "exit_code", 2)) from None
 
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]

@@ -54,6 +54,8 @@ def distill(
     from transformers.utils import logging as hf_logging
 
     from kdcli.engine import distill as run_distill
+    from kdcli.engine.distributed import world_from_env
+    from kdcli.engine.failure import ends_the_job
     from kdcli.engine.trainer import RunInterrupted
     from kdcli.ui import RichObserver, err_console
 
@@ -71,11 +73,14 @@ def distill(
         loggers = _loggers(resolved)  # a missing extra is refused here, before any process starts or model loads
         if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
             from kdcli.engine.launch import launch
+            from kdcli.engine.trainer import how_to_continue
+            from kdcli.runs import RunFolder
 
             _check_launch(resolved, nproc, overwrite, resume)
             args = ["distill", *([str(recipe)] if recipe else []), *[a for item in set_ or [] for a in ("--set", item)]]
             args += [*(["--overwrite"] if overwrite else []), *(["--resume", str(resume)] if resume else [])]
-            raise typer.Exit(launch(nproc, args))
+            folder = RunFolder(resume) if resume else RunFolder.for_recipe(resolved)
+            raise typer.Exit(launch(nproc, args, lambda: how_to_continue(folder, nproc)))
         if nproc and int(os.environ.get("WORLD_SIZE", 1)) != nproc:
             raise KdError(f"--nproc {nproc}: kd runs under a launcher with WORLD_SIZE={os.environ['WORLD_SIZE']}.")
 
@@ -85,7 +90,8 @@ def distill(
         from kdcli.loggers import Fanout, TrainingLog
 
         observer = Fanout(observer, TrainingLog(loggers, resolved.train))
-    with user_errors():
+    # Under a launcher a failed rank reports and exits at once (its loggers closed first), so no other rank waits.
+    with user_errors(), ends_the_job(world_from_env(), typer.Exit):
         try:
             run_distill(resolved, overwrite=overwrite, observer=observer, resume=resume)
         except RunInterrupted as stop:

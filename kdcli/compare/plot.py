@@ -4,11 +4,13 @@ Agg backend, so `kd compare` without --plot and `kd --help` never load it."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from kdcli.compare.core import Comparison
+from kdcli.durable import write_bytes_atomic
 from kdcli.errors import KdError
 
 _TRAINER_CURVES = frozenset({"loss", "kd", "ce", "grad_norm", "eval_loss"})
@@ -95,9 +97,9 @@ def write_plot(comparison: Comparison, path: Path) -> Path:
         ax.set_visible(False)
     figure.tight_layout()
     try:
-        figure.savefig(path, dpi=110)
-    except OSError as err:
-        raise KdError(f"--plot: cannot write {path} ({err.strerror or err}).") from None
+        png = io.BytesIO()
+        figure.savefig(png, dpi=110, format="png")
+        write_bytes_atomic(path, png.getvalue())  # a failed write: one line naming the path and the space
     finally:
         plt.close(figure)
     return path

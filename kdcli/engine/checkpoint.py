@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kdcli.durable import disk_errors, fsync_dir, fsync_tree, tree_bytes
-from kdcli.engine.distributed import World, all_reduce_sum, barrier
+from kdcli.engine.distributed import World, barrier
 from kdcli.engine.state import TrainingState
 from kdcli.errors import KdError, KdWarning
 from kdcli.runs import RunFolder
@@ -46,23 +46,21 @@ def save_checkpoint(
     per_step: int,
     *,
     needed: int | None = None,
-    device: torch.device | None = None,
 ) -> Path:
     """Write model/optimizer/scheduler (`write`, called on every rank), RNG states and `state` atomically.
 
     `per_step`: micro-batches per optimizer step over all processes (the data position is step × per_step).
-    `needed`: the bytes a checkpoint takes when there is none yet to measure (named if the disk is full);
-    `device`: where this rank's collectives run (the GPU under NCCL)."""
+    `needed`: the bytes a checkpoint takes when there is none yet to measure (named if the disk is full)."""
     root = folder.checkpoints_dir
     final = root / f"step-{state.step:08d}"
     tmp = root / f".{final.name}.tmp"
     previous = _complete(root)[-1:] if world.is_main and root.is_dir() else []
     with disk_errors(final, tree_bytes(previous[0]) if previous else needed):
         try:
-            _on_every_rank(lambda: _fresh(tmp) if world.is_main else None, final, device)
-            _on_every_rank(lambda: _write_parts(write, tmp, world), final, device)
+            _on_every_rank(lambda: _fresh(tmp) if world.is_main else None)
+            _on_every_rank(lambda: _write_parts(write, tmp, world))
             record = {**state.to_checkpoint(per_step), "world_size": world.world_size}
-            _on_every_rank(lambda: _publish(tmp, final, record) if world.is_main else None, final, device)
+            _on_every_rank(lambda: _publish(tmp, final, record) if world.is_main else None)
         except BaseException:
             if world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -95,19 +93,13 @@ def _publish(tmp: Path, final: Path, record: dict[str, Any]) -> None:
     fsync_dir(final.parent)
 
 
-def _on_every_rank(work: Callable[[], None], final: Path, device: torch.device | None) -> None:
-    """Run this rank's share of a checkpoint; if any rank's failed, every rank raises (rather than waiting in a
-    barrier for the one that gave up)."""
-    failure: Exception | None = None
-    try:
-        work()
-    except Exception as err:
-        failure = err
-    (failed,) = all_reduce_sum([float(failure is not None)], device)
-    if failure is not None:
-        raise failure
-    if failed:
-        raise KdError(f"{final}: another process could not write its part of the checkpoint; see its error.")
+def _on_every_rank(work: Callable[[], None]) -> None:
+    """Run this rank's share of a checkpoint, then wait for every other rank's. A rank whose share fails raises
+    without joining the barrier: it may have failed inside DeepSpeed's own collectives (a shard written between two
+    of its barriers), where any collective of ours would pair with one of theirs and wait forever. Under a launcher
+    the failure ends the job (`engine/failure.py`): the failed rank exits, and the others' barrier fails at once."""
+    work()
+    barrier()
 
 
 def resume_checkpoint(folder: RunFolder, world: World) -> Path:

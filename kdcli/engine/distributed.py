@@ -224,6 +224,53 @@ def on_main_then_shared(compute: Callable[[], T]) -> T:
     return box[0]
 
 
+# What every node of a job must share, in the order a disagreement is named, with the fix for each.
+AGREED = {
+    "kd": "install the same kd version on every node",
+    "recipe": "give every node the same recipe file (and --set overrides)",
+    "data": "give every node the same data files (and tokenizer)",
+}
+
+
+def node_name() -> str:
+    """This process's machine as the launchers number it (torchrun's GROUP_RANK, the deepspeed launcher's CROSS_RANK,
+    SLURM's SLURM_NODEID), with its host name."""
+    env = os.environ
+    index = env.get("GROUP_RANK") or env.get("CROSS_RANK") or env.get("SLURM_NODEID")
+    host = socket.gethostname()
+    return f"node {index} ({host})" if index is not None else f"host {host}"
+
+
+def check_nodes_agree(settings: dict[str, str]) -> None:
+    """Every rank's `settings` (the keys of `AGREED`) must equal rank 0's: nodes that read another recipe or other
+    data would train apart, or wait forever in collectives the others never make. Every rank gathers all views and
+    raises the same one-line `KdError` naming the node that differs; nothing happens in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    views: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(views, {"node": node_name(), **settings})
+    problem = disagreement(views)
+    if problem:
+        raise KdError(problem)
+
+
+def disagreement(views: list[dict[str, str]]) -> str | None:
+    """The first setting a rank holds differently from rank 0 (`views[r]` is rank r's), as one line, or None."""
+    first = views[0]
+    for key, fix in AGREED.items():
+        for rank, view in enumerate(views):
+            if view.get(key) != first.get(key):
+                return (
+                    f"the nodes of this job disagree on {key}: {view['node']} (rank {rank}) has "
+                    f"{_short(view.get(key))}, {first['node']} (rank 0) has {_short(first.get(key))}; {fix}."
+                )
+    return None
+
+
+def _short(value: str | None) -> str:
+    return "nothing" if value is None else value if len(value) <= 16 else value[:12] + "…"
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

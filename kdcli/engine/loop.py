@@ -175,8 +175,7 @@ class Session:
         keep = self.recipe.train.keep_checkpoints
         # Before the first checkpoint there is none to measure: fp32 weights and AdamW's two moments.
         needed = 12 * count_parameters(self.parts.student)
-        per_step, device = self.micro_batches_per_step, self.runtime.device
-        return save_checkpoint(folder, state, write, self.world, keep, per_step, needed=needed, device=device)
+        return save_checkpoint(folder, state, write, self.world, keep, self.micro_batches_per_step, needed=needed)
 
     def adapt(self, state: TrainingState) -> None:
         """After an eval during training: `schedule: adaptive` may raise the on-policy ratio (`next_ratio`)."""

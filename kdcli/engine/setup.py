@@ -6,9 +6,12 @@ model run online or the stored top-K of `kd cache-teacher` (`kdcli.cache`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +19,9 @@ from typing import Any
 
 import torch
 
-from kdcli.data import Collator, build_examples, read_split
+from kdcli.data import Collator, Examples, build_examples, read_split
 from kdcli.durable import disk_errors
-from kdcli.engine.distributed import World, init_deepspeed, on_main_then_shared
+from kdcli.engine.distributed import World, check_nodes_agree, init_deepspeed, on_main_then_shared
 from kdcli.engine.observer import Observer
 from kdcli.engine.teachers import Batch, OnlineTeacher, ServedTeacherSource, TeacherSource
 from kdcli.errors import KdError
@@ -41,6 +44,7 @@ from kdcli.models import (
 from kdcli.models.pruning import SCORE_MEANING, LayerScores, layer_scores
 from kdcli.recipe import Recipe
 from kdcli.recipe.student import LayerChoice
+from kdcli.runs import recipe_yaml
 
 
 @dataclass
@@ -96,6 +100,7 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
         trainable_for(config, recipe.student.lora)
     train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
     eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    check_nodes_agree(agreed_settings(recipe, examples_fingerprint(train_set, eval_set)))  # before any weights load
 
     observer.message(f"Loading teacher {recipe.teacher.model}")
     teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
@@ -115,6 +120,8 @@ def _prepare_cached(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     if recipe.student.lora:
         trainable_for(config, recipe.student.lora)
     cache = open_for_training(recipe, root, manifest, tokenizer, int(config.get_text_config().vocab_size))
+    # The manifest lists every shard's sha256 and what the cache was computed from.
+    check_nodes_agree(agreed_settings(recipe, _sha256_json([manifest.get("setup"), manifest.get("splits")])))
     teacher_model, choice = None, None
     if _unscored(recipe):  # the teacher is read anyway to cut the student: it scores its layers first
         observer.message(f"Loading teacher {recipe.teacher.model} to choose the student's layers")
@@ -154,6 +161,7 @@ def _prepare_served(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     served.check(teacher_tokenizer, server.top_k)
     train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
     eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    check_nodes_agree(agreed_settings(recipe, examples_fingerprint(train_set, eval_set)))
     teacher_model, choice = None, None
     if recipe.student.init == "teacher":  # the student is cut from the teacher's weights: read once, then dropped
         observer.message(f"Loading teacher {recipe.teacher.model} to cut the student from")
@@ -165,6 +173,28 @@ def _prepare_served(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     source.num_parameters = parameters_of(teacher_config)
     collate = Collator(tokenizer.pad_token_id)
     return Prepared(recipe, source, student, tokenizer, width, train_set, eval_set, collate, choice)
+
+
+def agreed_settings(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
+    """What every node of a job must share (`distributed.AGREED`): kd's version, the recipe, the data it trains on."""
+    from kdcli import __version__
+
+    return {"kd": __version__, "recipe": _sha256_json(recipe_yaml(recipe)), "data": data_fingerprint}
+
+
+def examples_fingerprint(train_set: Examples, eval_set: Examples | None) -> str:
+    """The token ids training reads: the data, its template, the tokenizer and the length limit in one hash."""
+    digest = hashlib.sha256()
+    for examples in (train_set, eval_set):
+        digest.update(b"none" if examples is None else len(examples).to_bytes(8, "little"))
+        for ids, labels in zip(examples.input_ids, examples.labels, strict=True) if examples is not None else ():
+            for tokens in (ids, labels):  # each list behind its length, so no two splits of one stream hash alike
+                digest.update(len(tokens).to_bytes(8, "little") + array("q", tokens).tobytes())
+    return digest.hexdigest()
+
+
+def _sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def _unscored(recipe: Recipe) -> bool:

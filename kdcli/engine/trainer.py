@@ -61,15 +61,21 @@ def distill(
         try:
             return _distill(recipe, folder, world, runtime, ds_config, observer, overwrite, checkpoint, started)
         except DiskFull as err:
-            err.next_step = _how_to_continue(folder)  # "run it again" would be refused: the folder is not empty
+            # "run it again" would be refused: the folder is not empty
+            err.next_step = how_to_continue(folder, world.world_size)
             raise
 
 
-def _how_to_continue(folder: RunFolder) -> str:
+def resume_command(folder: RunFolder, processes: int) -> str:
+    return f"kd distill --resume {folder}" + (f" --nproc {processes}" if processes > 1 else "")
+
+
+def how_to_continue(folder: RunFolder, processes: int) -> str:
+    """After a run stopped part-way: resume from its newest checkpoint, or start it over when it has none."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the partial checkpoints were reported when the run resumed
         if folder.recipe_file.is_file() and latest_checkpoint(folder) is not None:
-            return f"resume with `kd distill --resume {folder}`"
+            return f"resume with `{resume_command(folder, processes)}`"
     return "run the recipe again with --overwrite (no checkpoint was finished to resume from)"
 
 
@@ -160,7 +166,7 @@ def train(
                     state.wall_seconds = wall.seconds()
                     observer.message(f"Checkpoint {session.save(folder, state)}")
                 if stopping:
-                    raise RunInterrupted(step, folder.path)
+                    raise RunInterrupted(step, resume_command(folder, world.world_size))
         state.train_seconds = clock.seconds()
         eval_after = session.score()
         _log_eval(state, total, eval_after, metrics, observer)
@@ -173,9 +179,9 @@ def train(
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM: the loop stopped after a whole step and saved a checkpoint to resume from."""
 
-    def __init__(self, step: int, run_dir: Path) -> None:
-        super().__init__(f"Interrupted after step {step}; checkpoint saved. Resume with: kd distill --resume {run_dir}")
-        self.step, self.run_dir = step, run_dir
+    def __init__(self, step: int, resume: str) -> None:
+        super().__init__(f"Interrupted after step {step}; checkpoint saved. Resume with: {resume}")
+        self.step = step
 
 
 class _Clock:
@@ -265,4 +271,4 @@ def _record(
     )
 
 
-__all__ = ["RunInterrupted", "World", "distill", "train"]
+__all__ = ["RunInterrupted", "World", "distill", "how_to_continue", "train"]

@@ -8,7 +8,9 @@
     <eval>/<set>/judge-<pass>.jsonl     per example: both verdicts, raw replies, scores
 
 A pass is reused only when the generation record says it was made from the same prompts, references, model
-weights and settings; anything else is refused with the difference named, and `--force` regenerates.
+weights and settings; anything else is refused with the difference named, and `--force` regenerates. The record
+holds no path of this machine (a run's model is `student`, relative to the run folder), so a copied run folder
+keeps its passes.
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ def check_generation(
             raise KdError(f"{set_dir}: holds generations but {why}, so kd cannot tell how they were made. {_fix()}")
         _clear_passes(set_dir, None)
         record = {"format": FORMAT, "inputs": inputs, "settings": {}, "passes": {}}
-    elif record.get("inputs") != inputs:
+    elif not _same_inputs(record.get("inputs"), inputs):
         if not force:
             raise KdError(
                 f"{set_dir}: the generations there were {_difference(record.get('inputs') or {}, inputs)}. {_fix()}"
             )
         _clear_passes(set_dir, None)
         record = {"format": FORMAT, "inputs": inputs, "settings": {}, "passes": {}}
+    record["inputs"] = inputs  # the model as recorded today (older records held its absolute path)
     stored = record["settings"].get(mode)
     if stored is not None and stored != settings:
         if not force:
@@ -81,6 +84,17 @@ def check_generation(
     set_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
     return record
+
+
+def _same_inputs(old: Any, new: dict[str, Any]) -> bool:
+    """Whether passes made from `old` inputs count as made from `new`. A local model is known by its weights'
+    fingerprint, not by where it lies: a run folder copied elsewhere keeps its passes, and records of older kd
+    versions, which held the model's absolute path, still match."""
+    if old == new:
+        return True
+    if not isinstance(old, dict) or new.get("weights") is None or old.get("weights") != new.get("weights"):
+        return False
+    return {k: v for k, v in old.items() if k != "model"} == {k: v for k, v in new.items() if k != "model"}
 
 
 def _fix() -> str:

@@ -99,7 +99,7 @@ def run_eval(opts: EvalOptions, observer: EvalObserver | None = None, *, api_key
     sets = _load_sets(opts, target, tokenizer)
     passes: list[int | None] = [None] if opts.greedy else list(dict.fromkeys(opts.seeds))
     mode = "greedy" if opts.greedy else "sampling"
-    inputs_model = {"model": target.model, "weights": weights_fingerprint(target.model)}
+    inputs_model = {"model": target.recorded_model, "weights": weights_fingerprint(target.model)}
 
     runtime = _runtime(opts, target)
     precision = runtime.precision

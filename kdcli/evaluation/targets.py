@@ -6,6 +6,7 @@ student answers well only when prompted exactly as in training; and the folder i
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,21 @@ class Target:
     eval_dir: Path
     recipe: Recipe | None = None
 
+    @property
+    def recorded_model(self) -> str:
+        """The model as generation.json and results.json record it, free of this machine's paths: a run's student
+        relative to its run folder (`student`), so that a run folder copied elsewhere still matches its passes; a
+        local model folder relative to the eval folder; a Hub id or `builtin:` name as given. (That the same weights
+        made a pass is the `weights` fingerprint's to say.)"""
+        if self.kind == "run":
+            return STUDENT_DIR
+        folder = Path(self.model).expanduser()
+        if folder.is_dir():
+            return Path(os.path.relpath(folder.resolve(), self.eval_dir.resolve())).as_posix()
+        return self.model
+
     def describe(self) -> dict[str, str]:
-        return {"kind": self.kind, "name": self.name, "model": self.model}
+        return {"kind": self.kind, "name": self.name, "model": self.recorded_model}
 
 
 def expand_targets(specs: list[str]) -> list[str]:

@@ -21,17 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdcli.durable import fsync_dir, fsync_tree
+from kdcli.durable import FolderLock, disk_errors, fsync_dir, fsync_tree, write_json
 from kdcli.durable import sha256_file as _sha256_file  # module-level name: tests replace it
 from kdcli.errors import KdError, did_you_mean
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; conversions are then only atomic, not serialized
-    fcntl = None  # type: ignore[assignment]
 
 PREFIX = "builtin:"
 # Bumped when the layout of a converted folder changes, so old conversions are redone rather than misread.
@@ -131,16 +126,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def builtin_fingerprint(name: str) -> str:
     """sha256 of the built-in's GGUF file; cached beside the converted folder, keyed on the file's size and mtime."""
     spec = builtin_spec(name)
@@ -160,7 +145,7 @@ def builtin_fingerprint(name: str) -> str:
         return cached["sha256"]
     digest = _sha256_file(gguf)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(cache, {**key, "sha256": digest})
+    write_json(cache, {**key, "sha256": digest}, share=True)
     return digest
 
 
@@ -190,29 +175,6 @@ def _is_complete(folder: Path, spec: BuiltinModel) -> bool:
     source = _installed_source(spec)
     # A package upgrade may ship a different GGUF: reconvert rather than keep serving the old weights.
     return source is None or meta.get("version") == source["version"]
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path, on_message: Message | None, *, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive flock on `lock_path`; yields whether it is held (always, unless `wait=False`)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        held = True
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held = False
-                if wait:
-                    if on_message is not None:
-                        on_message(f"Waiting for another process to finish converting ({lock_path.name})…")
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-                    held = True
-        try:
-            yield held
-        finally:
-            if held and fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _sweep_leftovers(root: Path, name: str) -> None:
@@ -302,50 +264,59 @@ def builtin_model_dir(name: str, *, on_message: Message | None = None) -> Path:
     say = on_message or _stderr_message
     root = _models_root()
     final = root / spec.name
-    lock = root / f".{spec.name}.lock"
+    lock = FolderLock(final)
     if _is_complete(final, spec):
-        if any(root.glob(f".tmp-{spec.name}-*")):  # a killed conversion's leftover: sweep it unless one is running
-            with _locked(lock, None, wait=False) as held:
-                if held:
-                    _sweep_leftovers(root, spec.name)
+        if any(root.glob(f".tmp-{spec.name}-*")) and lock.try_acquire():
+            try:  # a killed conversion's leftover: swept unless a conversion is running
+                _sweep_leftovers(root, spec.name)
+            finally:
+                lock.release()
         return final
     gguf = builtin_gguf_path(spec.name)
-    with _locked(lock, say):
+    lock.acquire(wait=lambda holder: say(f"Waiting for another process to finish converting ({holder})…"))
+    try:
         if _is_complete(final, spec):  # another process converted it while we waited for the lock
             return final
         _sweep_leftovers(root, spec.name)
         say(f"Converting {PREFIX}{spec.name} to safetensors (once, ~20 s)…")
-        tmp = root / f".tmp-{spec.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            with _quiet_progress():
-                model, tokenizer = _load_gguf(gguf)
-                _strip_gguf_quantizer(model)
-                pad_set = ensure_pad_token(tokenizer)
-                _save_converted(model, tokenizer, tmp)
-            del model
-            source = _installed_source(spec) or {}
-            _write_json_atomic(
-                tmp / MARKER,
-                {
-                    "format": CONVERSION_FORMAT,
-                    "builtin": PREFIX + spec.name,
-                    **source,
-                    "gguf": spec.file,
-                    "gguf_sha256": builtin_fingerprint(spec.name),
-                    "dtype": "float32",
-                    "pad_token_set_by_kd": pad_set,
-                },
-            )
-            fsync_tree(tmp, share=True)
-            if final.exists():
-                # An outdated or unmarked folder: moved aside in one rename (deleting it in place could leave a
-                # marker without weights), and removed by the stale-folder sweep if we die before the rmtree.
-                old = root / f".tmp-{spec.name}-{os.getpid()}-{secrets.token_hex(4)}-old"
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, final)
-            fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with _quiet_progress():
+            model, tokenizer = _load_gguf(gguf)
+        _strip_gguf_quantizer(model)
+        pad_set = ensure_pad_token(tokenizer)
+        marker = {
+            "format": CONVERSION_FORMAT,
+            "builtin": PREFIX + spec.name,
+            **(_installed_source(spec) or {}),
+            "gguf": spec.file,
+            "gguf_sha256": builtin_fingerprint(spec.name),
+            "dtype": "float32",
+            "pad_token_set_by_kd": pad_set,
+        }
+        # A failed write (a full disk) is one line naming the folder and the space its fp32 weights take.
+        with disk_errors(final, 4 * sum(p.numel() for p in model.parameters())):
+            _publish(model, tokenizer, marker, final, root / f".tmp-{spec.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    finally:
+        lock.release()
     return final
+
+
+def _publish(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, marker: dict[str, Any], final: Path, tmp: Path
+) -> None:
+    """Write the converted model into `tmp`, its marker last, and rename it into place; a failure leaves no `tmp`."""
+    try:
+        with _quiet_progress():
+            _save_converted(model, tokenizer, tmp)
+        write_json(tmp / MARKER, marker)
+        fsync_tree(tmp, share=True)
+        if final.exists():
+            # An outdated or unmarked folder: moved aside in one rename (deleting it in place could leave a
+            # marker without weights), and removed by the stale-folder sweep if we die before the rmtree.
+            old = final.with_name(f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}-old")
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
