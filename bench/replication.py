@@ -1,33 +1,37 @@
-"""The replication study: does AKL beat FKL and RKL, does ATKD beat KD, with this teacher and student?
+"""The replication study, second edition: on students that already write, does AKL beat FKL and RKL, and does ATKD
+beat KD?
 
-    python bench/replication.py --data-dir ../shared/data                 # everything, resuming where it stopped
-    python bench/replication.py --data-dir ../shared/data --stage train   # only the training grid
-    python bench/replication.py --data-dir ../shared/data --stage eval    # only the evals (finished runs)
-    python bench/replication.py --data-dir ../shared/data --stage report  # tables into docs/replication.md
-    python bench/replication.py --data-dir DIR --teacher /path/to/tiny --steps 2 --train-examples 16 \\
-        --eval-examples 2 --max-new-tokens 4 --out /tmp/rep --no-doc      # a smoke test of the script
+    python bench/replication.py --data-dir ../shared/data                  # every stage, resuming where it stopped
+    python bench/replication.py --data-dir ../shared/data --stage warmup   # the shared starting student
+    python bench/replication.py --data-dir ../shared/data --stage train    # the arms x seeds grid
+    python bench/replication.py --data-dir ../shared/data --stage eval     # kd eval of every finished model
+    python bench/replication.py --data-dir ../shared/data --stage report   # tables and curves into the doc
+    python bench/replication.py --data-dir DIR --teacher /path/to/tiny --warmup-steps 2 --steps 2 \\
+        --train-examples 16 --eval-examples 2 --max-new-tokens 4 --out /tmp/rep --no-doc   # a smoke test
 
-Every stage is a kd command, so the study is what a user would run and each stage resumes by itself:
+Every stage is kd commands run inside OUT (default study/v2), with every path relative to it, so that the files
+committed from there hold no path of the machine the study ran on; OUT/data is a symlink to --data-dir (ignored
+by git: users do not have ../shared, and no test reads it).
 
-1. train: `kd distill RECIPE --grid seed=SEEDS --grid loss.divergence=ARMS` on the Alpaca training set
-   (`alpaca-5k/train.jsonl` under --data-dir, its first --train-examples), the teacher online for every arm (exact
-   for all divergences, including the tail-sensitive rkl and akl that a top-K cache would bias). Finished runs
-   are skipped, killed ones resumed.
-2. eval: `kd eval` of every finished run, the teacher (`teacher:RECIPE`) and the undistilled pruned student (cut
-   once into OUT/undistilled) on Self-Instruct 252, Vicuna 80 and the starter eval split, with --eval-seeds
-   sampling seeds; passes already written are reused.
-3. report: `kd compare` of the runs (fkl as the baseline: means with 95% CIs over prompts, deltas with paired
-   bootstrap p-values), a table of the reference rows (their evals are in OUT/evals/), the plot, and the time
-   taken, into the `## Results` part of docs/replication.md (the verdict there is written by a person reading
-   them).
-
-The data paths are arguments: users do not have ../shared, and no test reads it.
+1. warmup: `kd distill warmup.yaml`, once: the built-in teacher cut to the 15 layers it needs most
+   (`student.layers: {keep: 15, by: loss}`), trained with cross-entropy only (`kd_ratio: 0`, so that no divergence
+   is favoured) on the study's Alpaca examples. Every arm starts from its student.
+2. train: `kd distill study.yaml --grid seed=SEEDS --grid loss.divergence=ARMS`, the teacher online for every arm
+   (exact for the tail-sensitive rkl and akl, which a top-K cache would bias), the eval CE logged every
+   --eval-every steps for the curves. Finished runs are skipped, killed ones resumed.
+3. eval: `kd eval --baselines` of every finished run, the starting student and the teacher on the first
+   --eval-examples of Self-Instruct, Vicuna 80 and the starter eval split: --eval-seeds sampling seeds, 128 new
+   tokens. Passes already written are reused.
+4. report: `kd compare --pool-seeds --adjust holm` (fkl the baseline), a table of eval CE and ROUGE-L side by side
+   with the stop rate and the model-free baselines, the eval CE curves, and the wall time of every stage, into the
+   `## Results` section of docs/replication.md. The verdict there is written by a person reading them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,204 +44,321 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 DOC = REPO / "docs" / "replication.md"
 RESULTS = "## Results"
+SETS = ("selfinst", "vicuna", "starter")
+WARMUP = "warmup"  # the starting student's run folder, under OUT/runs
 
 
-def kd(*args: str) -> int:
-    """A kd command in its own process, output to this terminal; its exit code."""
-    print("$ kd " + " ".join(args), flush=True)
-    return subprocess.call([sys.executable, "-m", "kdcli", *args], cwd=REPO)
+def kd(args: argparse.Namespace, *command: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """A kd command run in OUT, in its own process."""
+    print("$ (cd " + _shown(args.out) + ") kd " + " ".join(command), flush=True)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcli", *command], cwd=args.out, capture_output=capture, text=True, check=False
+    )
 
 
-def study_sets(args: argparse.Namespace) -> list[str]:
-    sets = [
-        "name=rep-{divergence}-s{seed}",
-        f"output_dir={args.out / 'runs'}",
-        f"data.train={args.data_dir / 'alpaca-5k' / 'train.jsonl'}",
-        f"data.max_train_examples={args.train_examples}",
-        f"train.max_steps={args.steps}",
-        f"train.save_every={max(1, args.steps // 5)}",
-        "train.eval_every=null",
-    ]
-    if args.teacher:
-        sets.append(f"teacher.model={args.teacher}")
-    return sets + list(args.set or [])
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def write_study_recipe(args: argparse.Namespace) -> Path:
-    """OUT/study.yaml: the quickstart with the study's settings, the recipe `teacher:` evaluates and the record."""
+def recipes(args: argparse.Namespace) -> tuple[Path, Path]:
+    """OUT/warmup.yaml and OUT/study.yaml: the quickstart with the study's settings, every path relative to OUT."""
     import yaml
 
     sys.path.insert(0, str(REPO))
     from kdcli.recipe.load import apply_set, parse_set, read_yaml
 
-    raw = read_yaml(QUICKSTART)
-    for item in study_sets(args):
-        apply_set(raw, *parse_set(item))
-    path = args.out / "study.yaml"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return path
+    common = [
+        "output_dir=runs",
+        "train.batch_size=8",
+        "data.train=data/alpaca-5k/train.jsonl",
+        f"data.max_train_examples={args.train_examples}",
+        "data.eval=builtin:starter",
+        f"train.eval_every={args.eval_every}",
+        "train.precision=auto",
+        *([f"teacher.model={args.teacher}"] if args.teacher else []),
+        *(args.set or []),
+    ]
+    warmup = [
+        f"name={WARMUP}",
+        "loss.kd_ratio=0",
+        f"train.lr={args.warmup_lr}",
+        f"train.max_steps={args.warmup_steps}",
+        f"train.save_every={max(1, args.warmup_steps // 4)}",
+        f"student.layers={{keep: {args.keep}, by: loss}}",
+    ]
+    study = [
+        "name=rep-{divergence}-s{seed}",
+        "student.init=pretrained",
+        f"student.model=runs/{WARMUP}/student",
+        "student.layers=all",
+        f"train.max_steps={args.steps}",
+        f"train.save_every={max(1, args.steps // 4)}",
+        f"train.lr={args.lr}",
+    ]
+    paths = []
+    for name, items in (("warmup.yaml", warmup), ("study.yaml", study)):
+        raw = read_yaml(QUICKSTART)
+        for item in [*common, *items]:
+            apply_set(raw, *parse_set(item))
+        path = args.out / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
-def train(args: argparse.Namespace, recipe: Path) -> int:
-    # Seeds vary slowest: a study stopped part-way has every arm at its first seeds, not every seed of one arm.
-    grid = ["--grid", f"seed={args.seeds}", "--grid", f"loss.divergence={args.arms}"]
-    code = kd("distill", str(recipe), *grid)
-    if args.on_policy_arms:
-        # The same recipe with the student's own samples on a share of the micro-batches, named apart.
-        mixed = ["--set", f"on_policy.ratio={args.on_policy_ratio}", "--set", "name=rep-{divergence}-onpolicy-s{seed}"]
-        mixed += ["--set", f"on_policy.max_new_tokens={args.max_new_tokens}"]
-        grid = ["--grid", f"seed={args.seeds}", "--grid", f"loss.divergence={args.on_policy_arms}"]
-        code = kd("distill", str(recipe), *grid, *mixed) or code
-    return code
+def warmup(args: argparse.Namespace) -> int:
+    """The shared starting student, then its eval and the teacher's. Weights are not committed, so a later session
+    that lacks them retrains the warm-up from its recipe (same seed, same data order) and says whether the weights
+    came out the same (the fingerprint its eval recorded)."""
+    run = args.out / "runs" / WARMUP
+    force: list[str] = []
+    if (run / "run.json").is_file() and (run / "student" / "config.json").is_file():
+        print("warm-up: finished before", flush=True)
+    else:
+        before = _recorded_weights(run)
+        checkpoint = (run / "checkpoints").is_dir() and not (run / "run.json").is_file()
+        command = ["distill", "--resume", f"runs/{WARMUP}"] if checkpoint else ["distill", "warmup.yaml", "--overwrite"]
+        code = kd(args, *command).returncode
+        if code:
+            return code
+        same = before is None or _weights(run / "student") == before
+        if before is not None:
+            print(f"warm-up rebuilt: its weights are {'the same as' if same else 'NOT the same as'} before", flush=True)
+        if not same:  # its evals no longer describe it: made again (the doc must say the arms' start moved)
+            force = ["--force"]
+    code = kd(args, "eval", f"runs/{WARMUP}", *eval_args(args), *force).returncode
+    return kd(args, "eval", "teacher:study.yaml", *eval_args(args), "--out", "evals/teacher").returncode or code
 
 
-def undistilled_student(args: argparse.Namespace, recipe: Path) -> Path:
-    """The pruned student before any training, cut once by kd's own builder (the reference row)."""
-    out = args.out / "undistilled"
-    if (out / "config.json").is_file():
-        return out
+def _weights(folder: Path) -> str | None:
     sys.path.insert(0, str(REPO))
-    import torch
+    from kdcli.models import weights_fingerprint
 
-    from kdcli.models import build_student, student_tokenizer
-    from kdcli.recipe import load_recipe
-
-    loaded = load_recipe(recipe)
-    student = build_student(loaded.student, loaded.teacher.model, torch.float32, loaded.seed)
-    partial = out.with_name(out.name + ".partial")
-    student.save_pretrained(partial, safe_serialization=True)
-    student_tokenizer(loaded.student, loaded.teacher.model).save_pretrained(partial)
-    partial.rename(out)
-    return out
+    return weights_fingerprint(str(folder))
 
 
-def eval_sets(args: argparse.Namespace) -> list[str]:
-    data = ["--data", f"selfinst={args.data_dir / 'selfinst' / 'eval.jsonl'}"]
-    data += ["--data", f"vicuna={args.data_dir / 'vicuna' / 'eval.jsonl'}", "--data", "starter=builtin:starter"]
-    settings = ["--seeds", args.eval_seeds, "--max-new-tokens", str(args.max_new_tokens), "--template", "chat"]
-    settings += ["--batch-size", str(args.eval_batch_size)]
-    if args.eval_examples:
-        settings += ["--max-examples", str(args.eval_examples)]
-    return data + settings
+def _recorded_weights(run: Path) -> str | None:
+    """The weights fingerprint an earlier eval of this run recorded (kd eval's generation.json), if any."""
+    for record in sorted((run / "eval").glob("*/generation.json")):
+        weights = (json.loads(record.read_text(encoding="utf-8")).get("inputs") or {}).get("weights")
+        if weights:
+            return str(weights)
+    return None
 
 
-def evaluate(args: argparse.Namespace, recipe: Path) -> int:
-    """The finished runs in one `kd eval`, then each reference into its own folder under OUT/evals."""
-    runs = sorted(str(p) for p in (args.out / "runs").glob("rep-*") if (p / "run.json").is_file())
-    if not runs:
-        print("no finished runs to evaluate yet: run the train stage first", flush=True)
+def train(args: argparse.Namespace) -> int:
+    """Each point of the grid in turn, evaluated as soon as it is trained: its weights are not committed, so a run
+    is finished only once its evals are (a later session could not evaluate it)."""
+    if not (args.out / "runs" / WARMUP / "student" / "config.json").is_file():
+        print("the arms start from the warm-up student: run the warmup stage first", flush=True)
         return 1
-    code = kd("eval", *runs, *eval_sets(args))
-    references = {"teacher": f"teacher:{recipe}", "undistilled": str(undistilled_student(args, recipe))}
-    for name, target in references.items():
-        code = kd("eval", target, *eval_sets(args), "--out", str(args.out / "evals" / name)) or code
+    code = 0
+    # Seeds vary slowest: a study stopped part-way has every arm at its first seeds, not every seed of one arm.
+    for seed in args.seeds.split(","):
+        for arm in args.arms.split(","):
+            name = f"rep-{arm}-s{seed}"
+            if _evaluated(args.out / "runs" / name):
+                continue
+            point = ["--grid", f"seed={seed}", "--grid", f"loss.divergence={arm}"]
+            trained = kd(args, "distill", "study.yaml", *point).returncode
+            if trained == 130:  # interrupted: stop here, the next invocation resumes it
+                return trained
+            if trained == 0 and (args.out / "runs" / name / "student" / "config.json").is_file():
+                trained = kd(args, "eval", f"runs/{name}", *eval_args(args)).returncode
+            code = code or trained
     return code
 
 
-def report(args: argparse.Namespace, recipe: Path, seconds: dict[str, float]) -> str:
-    runs = sorted((args.out / "runs").glob("rep-*"), key=lambda p: _column_order(p.name, args))
-    finished = [str(p) for p in runs if (p / "eval" / "results.json").is_file()]
-    if not finished:
-        return "No evaluated runs yet."
-    plot = args.out / "replication.png"
-    # The seeds of an arm are pooled: the question is fkl against akl, not one seed's run against another's.
-    table = compare(*finished, "--format", "markdown", "--plot", str(plot))
-    # One level down, so that the table's headings stay inside this section of the doc.
-    table = "\n".join("#" + line if line.startswith("#") else line for line in table.splitlines())
+def _evaluated(run: Path) -> bool:
+    results = run / "eval" / "results.json"
+    if not results.is_file():
+        return False
+    sets = json.loads(results.read_text(encoding="utf-8")).get("sets") or {}
+    return all("sampling" in (sets.get(name) or {}) for name in SETS)
+
+
+def eval_args(args: argparse.Namespace) -> list[str]:
+    data = ["--data", "selfinst=data/selfinst/eval.jsonl", "--data", "vicuna=data/vicuna/eval.jsonl"]
+    data += ["--data", "starter=builtin:starter", "--template", "chat", "--baselines"]
+    data += ["--seeds", args.eval_seeds, "--max-new-tokens", str(args.max_new_tokens)]
+    data += ["--batch-size", str(args.eval_batch_size)]
+    return data + (["--max-examples", str(args.eval_examples)] if args.eval_examples else [])
+
+
+def finished_runs(args: argparse.Namespace) -> list[str]:
+    found = sorted((args.out / "runs").glob("rep-*"), key=lambda p: _arm_order(p.name, args))
+    return [f"runs/{p.name}" for p in found if (p / "run.json").is_file()]
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """kd eval of every run whose weights are here (passes already written are reused), and the teacher's."""
+    targets = [
+        f"runs/{p.name}" for p in sorted((args.out / "runs").iterdir()) if (p / "student" / "config.json").is_file()
+    ]
+    if not targets:
+        print("no run has its weights here: run the warmup and train stages", flush=True)
+        return 1
+    code = kd(args, "eval", *targets, *eval_args(args)).returncode
+    teacher = kd(args, "eval", "teacher:study.yaml", *eval_args(args), "--out", "evals/teacher").returncode
+    return code or teacher
+
+
+def _arm_order(name: str, args: argparse.Namespace) -> tuple[int, str]:
+    """The arms as --arms lists them (the first, fkl by default, is the baseline)."""
+    arm = name.split("-")[1] if name.count("-") >= 2 else ""
+    arms = args.arms.split(",")
+    return (arms.index(arm) if arm in arms else len(arms), name)
+
+
+def report(args: argparse.Namespace, seconds: dict[str, float]) -> str:
+    runs = [run for run in finished_runs(args) if (args.out / run / "eval" / "results.json").is_file()]
+    if not runs:
+        return f"{RESULTS}\n\nNo evaluated runs yet.\n"
+    start = f"runs/{WARMUP}"
+    done = kd(args, "compare", *runs, start, "--pool-seeds", "--adjust", "holm", "--format", "json", capture=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr)
+    data = json.loads(done.stdout)
+    markdown = kd(
+        args, "compare", *runs, start, "--pool-seeds", "--adjust", "holm", "--format", "markdown", capture=True
+    )
+    table = "\n".join("#" + line if line.startswith("#") else line for line in markdown.stdout.splitlines())
+    plot = curves(args, runs)
     lines = [
         RESULTS,
         "",
-        f"`{' '.join(['python bench/replication.py', *sys.argv[1:]])}`: arms {args.arms}"
-        + (f" and on-policy {args.on_policy_arms} (ratio {args.on_policy_ratio:g})" if args.on_policy_arms else "")
-        + f", seeds {args.seeds}, "
-        f"{args.steps} steps on the first {args.train_examples} Alpaca examples; eval seeds {args.eval_seeds}, "
-        f"`max_new_tokens` {args.max_new_tokens}, {args.eval_examples or 'all'} examples a set. "
-        f"Recipe: `{_shown(recipe)}`. Wall time, all invocations together, on "
-        f"{os.cpu_count()} CPU cores: "
+        f"`{' '.join(['python bench/replication.py', *sys.argv[1:]])}`: arms {args.arms}, training seeds "
+        f"{args.seeds}, {args.steps} steps from the warm-up student ({args.warmup_steps} steps of CE), the first "
+        f"{args.train_examples} Alpaca examples; eval seeds {args.eval_seeds}, {args.max_new_tokens} new tokens, "
+        f"{args.eval_examples or 'all'} examples a set at most. Recipes: `{_shown(args.out / 'warmup.yaml')}`, "
+        f"`{_shown(args.out / 'study.yaml')}`. Wall time, all invocations together, on {os.cpu_count()} CPU cores: "
         + (", ".join(f"{stage} {value / 3600:.2f} h" for stage, value in seconds.items()) or "not recorded")
         + ".",
         "",
+        "### Eval CE and ROUGE-L side by side",
+        "",
+        side_by_side(args, data),
+        "",
+        "Eval CE: at the end, mean ± the 95% t interval over an arm's training seeds. ROUGE-L: mean [95% interval], "
+        "from the kd compare below (Holm-adjusted p-values there). ▽: not above one of the answers written without "
+        "a model (the rows at the bottom, from the teacher's eval) on ROUGE-L.",
+        "",
+        f"Eval CE curves (mean over each arm's runs; the starter eval split, every {args.eval_every} steps): "
+        f"`{_shown(plot)}`.",
+        "",
         table.strip(),
-        "",
-        "Reference rows (ROUGE-L mean over seeds, per set):",
-        "",
-        reference_table(args),
-        "",
-        against_rkl(finished),
-        "",
-        f"Plot: `{_shown(plot)}`.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _column_order(name: str, args: argparse.Namespace) -> tuple[int, int, str]:
-    """The arms as --arms lists them (the first, fkl by default, is the baseline), then the on-policy ones."""
-    divergence = name.split("-")[1]
-    arms = args.arms.split(",")
-    return ("-onpolicy-" in name, arms.index(divergence) if divergence in arms else len(arms), name)
+def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
+    """Per column: eval CE at the end (mean ± the t interval over training seeds), then per set ROUGE-L [95% CI]
+    and the stop rate; the teacher and the two answers written without a model as rows."""
+    sys.path.insert(0, str(REPO))
+    from kdcli.compare.student_t import mean_ci
+
+    header = ["", "eval CE", *[f"{s} ROUGE-L" for s in SETS], *[f"{s} stop rate" for s in SETS]]
+    rows = [header, ["---"] * len(header)]
+    for label, paths in _columns(data).items():
+        ces = [_eval_ce(args.out / p) for p in paths]
+        ce = mean_ci([v for v in ces if v is not None])
+        cells = [f"{ce.mean:.3f}" + (f" ± {ce.half_width:.3f}" if ce.half_width is not None else "")]
+        cells += [_metric(data, s, label, "rougeL", "{:.2f}") for s in SETS]
+        cells += [_metric(data, s, label, "stop_rate", "{:.2f}") for s in SETS]
+        rows.append([label, *cells])
+    teacher = _results(args.out / "evals" / "teacher" / "results.json")
+    rows.append(
+        [
+            "teacher",
+            "—",
+            *[_plain(teacher, s, "rougeL") for s in SETS],
+            *[_plain(teacher, s, "stop_rate") for s in SETS],
+        ]
+    )
+    for name, title in (("frequent_words", "frequent words (no model)"), ("copy_prompt", "prompt copied (no model)")):
+        cells = [_baseline(teacher, s, name) for s in SETS]
+        rows.append([title, "—", *cells, *["—"] * len(SETS)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def compare(*args: str) -> str:
-    """`kd compare --pool-seeds ARGS`' output."""
-    command = [sys.executable, "-m", "kdcli", "compare", "--pool-seeds", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+def _columns(data: dict[str, Any]) -> dict[str, list[str]]:
+    arms = data.get("arms") or {}
+    return {label: arms.get(label, [path]) for label, path in zip(data["runs"], data["paths"], strict=True)}
 
 
-def against_rkl(finished: list[str]) -> str:
-    """ROUGE-L deltas against the rkl arm (the table above takes them against fkl): AKL's claim is over both, and
-    the on-policy arm's question is what sampling adds to the same divergence."""
-    rkl = [run for run in finished if Path(run).name.startswith("rep-rkl-s")]
-    others = [run for run in finished if Path(run).name.startswith(("rep-akl-s", "rep-rkl-onpolicy-s"))]
-    if not rkl or not others:
-        return ""
-    data = json.loads(compare(*rkl, *others, "--format", "json", "--resamples", "10000"))
-    arms = [label for label in data["runs"] if label != data["baseline"]]
-    lines = [
-        f"ROUGE-L against the rkl arm ({data['baseline']}): Δ [95% CI] p, from `kd compare --pool-seeds "
-        "--format json` with rkl as the baseline:",
-        "",
-        "| arm | " + " | ".join(s["set"] for s in data["evaluation"]) + " |",
-        "|---" * (len(data["evaluation"]) + 1) + "|",
-    ]
-    for arm in arms:
-        cells = []
-        for evaluation in data["evaluation"]:
-            cell = next(r for r in evaluation["rows"] if r["metric"] == "rougeL")["cells"].get(arm) or {}
-            if cell.get("delta") is None:
-                cells.append("-")
-                continue
-            low, high = cell["delta_ci95"]
-            p = cell["p_value"]
-            cells.append(
-                f"{cell['delta']:+.2f} [{low:+.2f}, {high:+.2f}] "
-                + ("p<0.001" if p < 0.001 else f"p={p:.3f}")
-                + (" \\*" if p < 0.05 else " n.s.")
-            )
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _eval_ce(run: Path) -> float | None:
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    value = (record.get("eval_after") or {}).get("eval_ce")
+    return float(value) if value is not None else None
 
 
-def _shown(path: Path) -> str:
-    """A path as the doc shows it: relative to the repository where it is inside it."""
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+def _metric(data: dict[str, Any], set_name: str, label: str, metric: str, fmt: str) -> str:
+    for evaluation in data["evaluation"]:
+        if evaluation["set"] != set_name or evaluation["mode"] != "sampling":
+            continue
+        row = next((r for r in evaluation["rows"] if r["metric"] == metric), None)
+        cell = (row or {}).get("cells", {}).get(label)
+        if not cell:
+            return "—"
+        text = fmt.format(cell["mean"])
+        if cell.get("ci95"):
+            text += f" [{fmt.format(cell['ci95'][0])}, {fmt.format(cell['ci95'][1])}]"
+        return text + (" ▽" if cell.get("not_above") else "")
+    return "—"
 
 
-def reference_table(args: argparse.Namespace) -> str:
-    sets = ("selfinst", "vicuna", "starter")
-    rows = ["| model | " + " | ".join(f"{name} ROUGE-L" for name in sets) + " |", "|---" * (len(sets) + 1) + "|"]
-    for label, name in (("teacher", "teacher"), ("undistilled student", "undistilled")):
-        path = args.out / "evals" / name / "results.json"
-        results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        rows.append(f"| {label} | " + " | ".join(_rouge(results, s) for s in sets) + " |")
-    return "\n".join(rows)
+def _results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _rouge(results: dict[str, Any], name: str) -> str:
-    """ROUGE-L mean ± std over the sampling seeds of one set, or - before it is evaluated."""
-    entry = (results.get("sets", {}).get(name) or {}).get("sampling") or {}
-    rouge = entry.get("metrics", {}).get("rougeL", {})
-    return f"{rouge['mean']:.2f} ± {rouge['std']:.2f}" if "mean" in rouge else "-"
+def _entry(results: dict[str, Any], set_name: str) -> dict[str, Any]:
+    return ((results.get("sets") or {}).get(set_name) or {}).get("sampling") or {}
+
+
+def _plain(results: dict[str, Any], set_name: str, metric: str) -> str:
+    value = (_entry(results, set_name).get("metrics", {}).get(metric) or {}).get("mean")
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def _baseline(results: dict[str, Any], set_name: str, name: str) -> str:
+    baseline = (_entry(results, set_name).get("baselines") or {}).get(name)
+    return "—" if not baseline else f"{baseline['metrics']['rougeL']:.2f}"
+
+
+def curves(args: argparse.Namespace, runs: list[str]) -> Path:
+    """The eval CE over steps: the starting student's point, then each arm's mean over its runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_arm: dict[str, list[dict[int, float]]] = {}
+    for run in runs:
+        arm = run.split("/")[-1].split("-")[1]
+        lines = [
+            json.loads(x) for x in (args.out / run / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x
+        ]
+        by_arm.setdefault(arm, []).append({int(x["step"]): float(x["eval_ce"]) for x in lines if "eval_ce" in x})
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for arm, per_run in by_arm.items():
+        steps = sorted(set.intersection(*(set(c) for c in per_run)))
+        axis.plot(steps, [sum(c[s] for c in per_run) / len(per_run) for s in steps], marker="o", label=arm)
+    axis.set_xlabel("step")
+    axis.set_ylabel("eval CE (nats), starter eval split")
+    axis.legend()
+    figure.tight_layout()
+    path = args.out / "curves.png"
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def link_data(args: argparse.Namespace) -> None:
+    link = args.out / "data"
+    if link.is_symlink() and link.resolve() == args.data_dir:
+        return
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(args.data_dir, target_is_directory=True)
 
 
 def main() -> None:
@@ -245,26 +366,23 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", type=Path, required=True, help="the folder holding alpaca-5k/, selfinst/, vicuna/"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "study", help="runs, references and the study recipe")
+    parser.add_argument("--out", type=Path, default=REPO / "study" / "v2", help="where the study's files go")
     parser.add_argument("--arms", default="fkl,rkl,akl,atkd", help="divergences, comma-separated")
-    parser.add_argument("--seeds", default="0,1,2", help="training seeds")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="training seeds")
+    parser.add_argument("--keep", type=int, default=15, help="teacher layers the student keeps (by loss)")
     parser.add_argument("--train-examples", type=int, default=2000, help="first N Alpaca examples")
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps of every run")
-    parser.add_argument(
-        "--on-policy-arms", default="", help="divergences also trained on-policy (rep-DIV-onpolicy-sSEED); empty: none"
-    )
-    parser.add_argument("--on-policy-ratio", type=float, default=0.5, help="on_policy.ratio of the on-policy arms")
+    parser.add_argument("--warmup-steps", type=int, default=150, help="steps of the shared CE warm-up")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every arm's run")
+    parser.add_argument("--lr", type=float, default=1e-4, help="the arms' peak learning rate")
+    parser.add_argument("--warmup-lr", type=float, default=5e-4, help="the warm-up's (the quickstart's) learning rate")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between eval CE points of the curves")
     parser.add_argument("--eval-seeds", default="1,2,3", help="sampling seeds of kd eval")
-    parser.add_argument("--eval-examples", type=int, default=0, help="first N examples of each eval set (0: all)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=128, help="kd eval --max-new-tokens, and the on-policy arms' samples"
-    )
-    parser.add_argument(
-        "--eval-batch-size", type=int, default=20, help="kd eval --batch-size (20 samples ~3x faster than 8 on CPU)"
-    )
+    parser.add_argument("--eval-examples", type=int, default=100, help="first N examples of each eval set (0: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="kd eval --max-new-tokens")
+    parser.add_argument("--eval-batch-size", type=int, default=20, help="kd eval --batch-size")
     parser.add_argument("--teacher", help="another teacher.model (a smoke test on a tiny model)")
     parser.add_argument("--set", action="append", help="a recipe override for every run, as kd distill --set")
-    parser.add_argument("--stage", choices=("all", "train", "eval", "report"), default="all")
+    parser.add_argument("--stage", choices=("all", "warmup", "train", "eval", "report"), default="all")
     parser.add_argument("--no-doc", action="store_true", help="print the results, do not write docs/replication.md")
     args = parser.parse_args()
     args.out = args.out.resolve()
@@ -276,27 +394,31 @@ def main() -> None:
     ]
     if missing:
         raise SystemExit(f"--data-dir {args.data_dir}: missing {', '.join(missing)} (see ../shared/data/README.md)")
-    recipe = write_study_recipe(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    link_data(args)
+    recipes(args)
     timings = args.out / "timings.json"  # wall seconds per stage, summed over every invocation (the budget)
     seconds: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
     code = 0
-    for stage, work in (("train", train), ("eval", evaluate)):
+    for stage, work in (("warmup", warmup), ("train", train), ("eval", evaluate)):
         if args.stage in ("all", stage):
             started = time.perf_counter()
-            code = work(args, recipe) or code
+            code = work(args) or code
             seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
             timings.write_text(json.dumps(seconds, indent=1) + "\n", encoding="utf-8")
+            if code and args.stage == "all":
+                break
     if args.stage in ("all", "report"):
-        section = report(args, recipe, seconds)
+        section = report(args, seconds)
         print(section)
         if not args.no_doc:
-            sys.path.insert(0, str(REPO))
-            from bench.losses import write_section
+            from losses import write_section
 
             write_section(DOC, section)
-            print(f"wrote the results of {DOC}")
+            print(f"wrote the results into {DOC}")
     raise SystemExit(code)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "bench"))
     main()
