@@ -295,3 +295,5 @@ def test_reader_keeps_no_tensors_in_memory(cached: Path) -> None:
         held = [v for v in vars(shard).values() if isinstance(v, torch.Tensor)]
         assert held == []
     assert yaml.safe_dump(split.stats())  # plain data for run.json
+    # Batching by length reads the lengths from the shards' indexes: the same as the examples'.
+    assert split.lengths() == [len(split[i]["input_ids"]) for i in range(len(split))]

@@ -470,6 +470,68 @@ def test_batch_order_is_seeded_and_resumable() -> None:
     assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == six[:4]  # ranks interleave one stream
 
 
+def test_batches_grouped_by_length_pad_less_and_keep_every_example_once() -> None:
+    import random
+
+    from kdcli.data.collate import LENGTH_GROUP_STEPS, epoch_batches
+
+    lengths = [random.Random(i).randint(5, 200) for i in range(283)]
+    size = 4
+    plain = epoch_batches(len(lengths), size, seed=1, epoch=0)
+    grouped = epoch_batches(len(lengths), size, seed=1, epoch=0, lengths=lengths)
+    assert len(grouped) == len(plain) == -(-283 // size)
+    assert sorted(i for b in grouped for i in b) == list(range(283))
+    assert [len(b) for b in grouped] == [len(b) for b in plain] == [4] * 70 + [3]  # the short batch last, as without
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    # Each stretch of the permutation, sorted by length and cut: exactly the grouped batches.
+    expected = set()
+    for k in range(0, len(plain), LENGTH_GROUP_STEPS):
+        stretch = [i for b in plain[k : k + LENGTH_GROUP_STEPS] for i in b]
+        ordered = sorted(stretch, key=lambda i: lengths[i], reverse=True)
+        expected |= {frozenset(ordered[j : j + size]) for j in range(0, len(ordered), size)}
+    assert {frozenset(b) for b in grouped} == expected
+    assert padded(grouped) < 0.8 * padded(plain), (padded(grouped), padded(plain))
+    assert grouped == epoch_batches(len(lengths), size, seed=1, epoch=0, lengths=lengths)
+    assert grouped != epoch_batches(len(lengths), size, seed=1, epoch=1, lengths=lengths)
+    # Batch order is shuffled, not longest first.
+    tops = [max(lengths[i] for i in b) for b in grouped]
+    assert tops != sorted(tops, reverse=True)
+    # A step holds the same examples as one batch of 8 or as two accumulated batches of 4.
+    eights = epoch_batches(len(lengths), 8, seed=1, epoch=0, lengths=lengths)
+    fours = epoch_batches(len(lengths), 4, seed=1, epoch=0, lengths=lengths, per_step=2)
+    assert [sorted(b) for b in eights] == [sorted(fours[k] + fours[k + 1]) for k in range(0, 70, 2)] + [
+        sorted(fours[70])
+    ]
+
+
+def test_grouped_stream_resumes_and_ranks_interleave() -> None:
+    examples = [{"input_ids": list(range(n)), "labels": [IGNORE_INDEX] * n} for n in (3, 9, 4, 8, 2, 7, 5, 6, 1)]
+
+    def widths(stream, n):  # type: ignore[no-untyped-def]
+        return [sorted(int(m) for m in next(stream)["attention_mask"].sum(1)) for _ in range(n)]
+
+    # One process accumulating 2 micro-batches a step: the stream two processes share.
+    six = widths(micro_batches(examples, Collator(0), 2, seed=3, grad_accum=2, group_by_length=True), 6)
+    assert sorted(n for b in six[:5] for n in b) == list(range(1, 10))  # one epoch: every example once
+    resumed = micro_batches(examples, Collator(0), 2, seed=3, start=4, grad_accum=2, group_by_length=True)
+    assert widths(resumed, 2) == six[4:6]
+    ranks = [widths(micro_batches(examples, Collator(0), 2, seed=3, rank=r, world_size=2, group_by_length=True), 2)
+             for r in (0, 1)]  # fmt: skip
+    assert [ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]] == six[:4]
+    # 9 examples fit one stretch: batches hold neighbours in length.
+    assert all(b[-1] - b[0] <= 1 for b in six[:5] if len(b) == 2)
+
+
+def test_by_length_orders_indices_shortest_first() -> None:
+    from kdcli.data import by_length
+
+    examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in (5, 2, 9, 2)]
+    assert by_length(examples) == [1, 3, 0, 2]
+
+
 def test_import_does_not_load_torch() -> None:
     code = "import sys, kdcli.data; assert 'torch' not in sys.modules, 'torch'; kdcli.data.Collator"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

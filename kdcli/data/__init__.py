@@ -31,7 +31,7 @@ from kdcli.data.sources import BUILTIN_DATASETS, load_rows, source_name
 from kdcli.data.tokens import IGNORE_INDEX, tokenize_example
 
 if TYPE_CHECKING:
-    from kdcli.data.collate import Collator, micro_batches
+    from kdcli.data.collate import Collator, by_length, micro_batches
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -43,6 +43,7 @@ __all__ = [
     "Examples",
     "FieldMap",
     "build_examples",
+    "by_length",
     "format_prompt",
     "load_examples",
     "load_rows",
@@ -54,7 +55,7 @@ __all__ = [
     "tokenize_example",
 ]
 
-_LAZY = {"Collator", "micro_batches"}
+_LAZY = {"Collator", "by_length", "micro_batches"}
 
 
 def __getattr__(name: str) -> Any:

@@ -72,6 +72,11 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+# Optimizer steps whose examples are sorted together by length when batches are grouped by length: enough to put
+# examples of like length side by side, few enough that every step still draws from a random stretch of the epoch.
+LENGTH_GROUP_STEPS = 16
+
+
 def micro_batches(
     examples: Sequence[Example],
     collate: Callable[[Sequence[Example]], dict[str, torch.Tensor]],
@@ -82,23 +87,74 @@ def micro_batches(
     rank: int = 0,
     world_size: int = 1,
     grad_accum: int = 1,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches: each epoch a fresh seeded permutation, so a run is reproducible from its seed.
 
     The stream is indexed (micro-batch k is chunk k mod n of epoch k div n), so a resumed run starts at `start`
     without replaying the data. With several processes each optimizer step takes grad_accum x world_size
     consecutive micro-batches and rank r gets the r-th run of grad_accum of them: the same global batches as
-    one process with `grad_accum` x world_size.
+    one process with `grad_accum` x world_size. `group_by_length`: see `epoch_batches`.
     """
     per_epoch = math.ceil(len(examples) / batch_size)
-    order: list[int] = []
+    lengths = example_lengths(examples) if group_by_length else None
+    batches: list[list[int]] = []
     loaded_epoch = -1
     index = start
     while True:
         if (index // grad_accum) % world_size == rank:
             epoch, chunk = divmod(index, per_epoch)
             if epoch != loaded_epoch:
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-                order, loaded_epoch = torch.randperm(len(examples), generator=generator).tolist(), epoch
-            yield collate([examples[i] for i in order[chunk * batch_size : (chunk + 1) * batch_size]])
+                per_step = grad_accum * world_size
+                batches = epoch_batches(len(examples), batch_size, seed, epoch, lengths, per_step)
+                loaded_epoch = epoch
+            yield collate([examples[i] for i in batches[chunk]])
         index += 1
+
+
+def epoch_batches(
+    count: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    lengths: Sequence[int] | None = None,
+    per_step: int = 1,
+) -> list[list[int]]:
+    """The micro-batches of one epoch, as example indices: a seeded permutation cut into batches.
+
+    With `lengths`, the unit is the optimizer step's global batch (`per_step` micro-batches): each stretch of
+    LENGTH_GROUP_STEPS of them is sorted by length and cut into global batches, the full ones are shuffled (a
+    short one stays last, as without), and each is cut into micro-batches. A batch pads to its longest example,
+    so like lengths waste less compute on padding (40 % of the starter data's tokens at batch 4 otherwise). Every
+    example still comes once per epoch, and a step holds the same examples whether it is one micro-batch, several
+    accumulated, or one per process."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(count, generator=generator).tolist()
+    if lengths is None:
+        return _cut(order, batch_size)
+    window = batch_size * per_step
+    span = window * LENGTH_GROUP_STEPS
+    steps: list[list[int]] = []
+    for lo in range(0, count, span):
+        steps += _cut(sorted(order[lo : lo + span], key=lambda i: lengths[i], reverse=True), window)
+    full = len(steps) - (len(steps[-1]) < window if steps else 0)
+    shuffled = [steps[k] for k in torch.randperm(full, generator=generator).tolist()] + steps[full:]
+    return [batch for step in shuffled for batch in _cut(step, batch_size)]
+
+
+def _cut(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[lo : lo + size] for lo in range(0, len(indices), size)]
+
+
+def example_lengths(examples: Sequence[Example]) -> list[int]:
+    """Tokens of each example. A split that knows them without building its examples (a teacher cache, whose
+    examples carry the teacher's records) says so with a `lengths()` method."""
+    known = getattr(examples, "lengths", None)
+    return known() if callable(known) else [len(example["input_ids"]) for example in examples]
+
+
+def by_length(examples: Sequence[Example]) -> list[int]:
+    """The indices of `examples` from the shortest to the longest: the batches of a pass whose order does not
+    matter (eval) pad least this way."""
+    lengths = example_lengths(examples)
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])

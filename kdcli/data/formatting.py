@@ -135,6 +135,9 @@ class Examples(Sequence[dict[str, list[int]]]):
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         return (self[i] for i in range(len(self)))
 
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
     def stats(self) -> dict[str, Any]:
         """The counts as a JSON-ready dict, for run records."""
         return {

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kdcli.data import micro_batches
+from kdcli.data import by_length, micro_batches
 from kdcli.engine.backends import DeepSpeedStudent, PlainStudent, StudentBackend
 from kdcli.engine.checkpoint import load_checkpoint, save_checkpoint
 from kdcli.engine.distributed import World, all_reduce_sum, place_teacher
@@ -99,6 +99,7 @@ class Session:
             rank=self.world.rank,
             world_size=self.world.world_size,
             grad_accum=cfg.grad_accum,
+            group_by_length=cfg.group_by_length,
         )
 
     def step(
@@ -164,7 +165,8 @@ class Session:
         eval_set, size = self.parts.eval_set, self.recipe.train.eval_batch_size
         if eval_set is None or len(eval_set) == 0:
             return None
-        batches = (self.collate(eval_set[lo : lo + size]) for lo in range(0, len(eval_set), size))
+        order = by_length(eval_set)  # a token-weighted mean: the order is free, and like lengths pad least
+        batches = (self.collate([eval_set[i] for i in order[lo : lo + size]]) for lo in range(0, len(order), size))
         model, teacher, width = self.backend.model, self.parts.teacher, self.parts.width
         return evaluate(model, teacher, batches, self.objective, self.runtime, width, head=self.heads.student)
 

@@ -131,6 +131,15 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (may be fractional).")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    group_by_length: bool = Field(
+        True,
+        description=(
+            "Put examples of like length in the same batch (sorted within stretches of 16 optimizer steps of each "
+            "epoch's seeded shuffle, the steps then shuffled): less compute spent on padding, every example still "
+            "once per epoch, a step the same examples however it is split into micro-batches and processes. "
+            "`false`: batches straight from the shuffle."
+        ),
+    )
     lr: float = Field(5e-5, gt=0, le=1.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
