@@ -259,6 +259,28 @@ def test_direct_scores_equal_stored_ones(scored: tuple, six_layers: Path, kd_hom
     assert not first.reused and second.reused and first.scores == second.scores
 
 
+@pytest.mark.parametrize("by", ["influence", "loss"])
+def test_scores_do_not_depend_on_the_batching(scored: tuple, six_layers: Path, tmp_path: Path, by: str) -> None:
+    """Examples are scored shortest first, two at a time (less padding): the same scores as in one batch."""
+    model, batches = scored
+    pairs = [zip(batch["input_ids"], batch["attention_mask"], strict=True) for batch in batches]
+    rows = [ids[mask.bool()] for pair in pairs for ids, mask in pair]
+    examples = [{"input_ids": ids[: 30 + 7 * i].tolist(), "labels": []} for i, ids in enumerate(rows)]
+    for example in examples:
+        ids = example["input_ids"]
+        example["labels"] = [-100] * (len(ids) // 2) + ids[len(ids) // 2 :]
+    assert len({len(e["input_ids"]) for e in examples}) > 2  # lengths differ: the batchings pad differently
+    scores = {}
+    for size in (2, len(examples)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("KD_HOME", str(tmp_path / f"home-{size}"))  # no stored scores: each computes
+            scores[size] = layer_scores(model, str(six_layers), examples, Collator(0), by, FP32, batch_size=size)
+    assert not scores[2].reused and not scores[len(examples)].reused
+    assert scores[2].positions == scores[len(examples)].positions
+    # A loss score is a difference of two float32 mean CEs of about 10 nats: 1e-5 is their rounding, not a change.
+    assert scores[2].scores == pytest.approx(scores[len(examples)].scores, rel=1e-5, abs=1e-5)
+
+
 def test_zero2_two_processes_keep_the_layers_one_process_keeps(tmp_path: Path, six_layers: Path, kd_home: Path) -> None:
     from scale_helpers import run_kd, step_losses
     from test_resume import FAST

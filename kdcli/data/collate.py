@@ -125,7 +125,7 @@ def epoch_batches(
     With `lengths`, the unit is the optimizer step's global batch (`per_step` micro-batches): each stretch of
     LENGTH_GROUP_STEPS of them is sorted by length and cut into global batches, the full ones are shuffled (a
     short one stays last, as without), and each is cut into micro-batches. A batch pads to its longest example,
-    so like lengths waste less compute on padding (40 % of the starter data's tokens at batch 4 otherwise). Every
+    so like lengths waste less compute on padding (28 % of a random batch of 4 starter examples is padding). Every
     example still comes once per epoch, and a step holds the same examples whether it is one micro-batch, several
     accumulated, or one per process."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -229,7 +229,6 @@ def choose_layers(
                 Collator(0),
                 choice.by,
                 runtime,
-                batch_size=recipe.train.eval_batch_size,
             )
         finally:
             if recipe.deepspeed and recipe.deepspeed.teacher_zero3:
