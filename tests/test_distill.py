@@ -217,6 +217,7 @@ def test_quickstart_recipe_runs_with_every_divergence(tmp_path: Path, tiny_teach
     result = distill_quickstart(
         f"loss.divergence={divergence}",
         f"teacher.model={tiny_teacher}",
+        "student.layers={keep: 2, by: loss}",  # the recipe's choice, scaled to the tiny teacher's 4 layers
         "train.max_steps=2",
         "train.precision=fp32",
         "data.max_train_examples=16",
