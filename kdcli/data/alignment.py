@@ -65,6 +65,14 @@ class PairedExamples(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def input_ids(self) -> list[list[int]]:
+        return self.student.input_ids  # type: ignore[no-any-return]
+
+    @property
+    def labels(self) -> list[list[int]]:
+        return self.student.labels  # type: ignore[no-any-return]
+
     @overload
     def __getitem__(self, index: int) -> dict[str, Any]: ...
     @overload
