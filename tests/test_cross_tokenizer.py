@@ -157,6 +157,17 @@ def test_a_student_without_a_chat_template(
     assert line.startswith("error: student.model: its tokenizer has no chat template") and "data.template" in line
 
 
+def test_teacher_written_responses_are_not_yet_supported(
+    tmp_path: Path, tiny_teacher: Path, other_student: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = cross_recipe(tmp_path, tiny_teacher, other_student, teacher={"cache": str(tmp_path)})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["responses"] = "teacher"
+    recipe.write_text(yaml.safe_dump(raw))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "kd-teacher-cache", "version": 1}))
+    assert refused(recipe, monkeypatch).startswith("error: data.responses: `teacher` with loss.cross_tokenizer")
+
+
 def test_an_unknown_method(tmp_path: Path, tiny_teacher: Path, other_student: Path) -> None:
     result = runner.invoke(app, ["distill", str(cross_recipe(tmp_path, tiny_teacher, other_student, "gold"))])
     assert result.exit_code == 2

@@ -37,7 +37,12 @@ class CrossTokenizer:
     @classmethod
     def of(cls, recipe: Recipe, teacher_tokenizer: Any, tokenizer: Any, teacher_rows: int) -> CrossTokenizer:
         """Refuse, in one line each, what would fail later: a tokenizer without character offsets, and a chat
-        template the student (or the teacher) lacks when `data.template` is `chat`."""
+        template the student (or the teacher) lacks when `data.template` is `chat`, and teacher-written responses."""
+        if recipe.data.responses == "teacher":
+            raise KdError(
+                "data.responses: `teacher` with loss.cross_tokenizer is not supported yet (the student would need the "
+                "cache's generated responses in its own tokens); use data.responses: dataset."
+            )
         for field, tok in (("teacher.model", teacher_tokenizer), ("student.model", tokenizer)):
             if not getattr(tok, "is_fast", False):
                 raise KdError(
