@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from kdcli.losses import AlignedTeacher, SparseTeacher, get_cross_tokenizer, get_loss
 from kdcli.losses.fused import fused_objective
@@ -197,6 +199,55 @@ def test_fused_head_equals_the_plain_path(method: str) -> None:
         results.append((total.detach(), h.grad, w.grad))
     for a, b in zip(*results, strict=True):
         close(a, b)
+
+
+class LargestTensors(TorchDispatchMode):
+    """Records, per dtype, the most elements of any tensor an operation returns while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+        return out
+
+
+@pytest.mark.parametrize("method", ["uld", "hybrid"])
+def test_memory_stays_bounded_by_the_chunk(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 student: no float64 tensor as long as one vocabulary row, on either path; on the fused head no tensor
+    of more than two chunks of logits, forward and backward (the [tokens, V] logits never exist). The weight
+    gradient's row buffer, bounded in bytes (64 MiB), is set to one chunk's rows here so that it cannot hide one."""
+    from kdcli.losses import projection
+
+    g = torch.Generator().manual_seed(6)
+    n_tokens, vs, vt, hidden_size, chunk, k = 64, 1024, 1500, 8, 8, 16
+    monkeypatch.setattr(projection, "WEIGHT_GRADIENT_GROUP_BYTES", chunk * vs * 4)
+    zt = torch.randn(n_tokens + 5, vt, generator=g)
+    records = SparseTeacher.from_logits(zt, torch.zeros(n_tokens + 5, dtype=torch.long), k, 1.0)
+    pair = torch.randperm(n_tokens + 5, generator=g)[:n_tokens].view(2, -1)
+    shared = torch.full((vt,), -1, dtype=torch.long)
+    shared[:600] = torch.randperm(vs, generator=g)[:600]
+    teacher = AlignedTeacher.from_records(records, pair, shared, k, 1.0)
+    labels = torch.randint(0, vs, (2, n_tokens // 2), generator=g)
+    div = get_cross_tokenizer(method, top_k=k, chunk_size=chunk)
+    h = torch.randn(2, n_tokens // 2, hidden_size, generator=g, requires_grad=True)
+    w = torch.randn(vs, hidden_size, generator=g, requires_grad=True)
+    z = torch.randn(2, n_tokens // 2, vs, generator=g, requires_grad=True)
+    with LargestTensors() as fused:
+        terms = fused_objective(
+            div, ProjectedLogits(h, OutputLayer(w, vs, torch.float32)), teacher, labels, ce_weight=0.5, kd_weight=0.5
+        )
+        terms.total.backward()
+    with LargestTensors() as plain:
+        div(z, teacher, labels).backward()
+    assert h.grad is not None and z.grad is not None and float(terms.kd) > 0
+    for seen in (fused.largest, plain.largest):
+        assert seen.get(F64, 0) < vs, seen
+    assert max(fused.largest.values()) <= 2 * chunk * vs, fused.largest
 
 
 def test_float32_student_is_close_to_float64() -> None:
