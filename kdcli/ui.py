@@ -120,11 +120,13 @@ def keys_table(rows: Iterable[tuple[str, str, str]]) -> Table:
     return table
 
 
-def losses_table(specs: Iterable[Any]) -> Table:
-    table = Table(title="divergences (loss.divergence)", header_style="bold")
+def losses_table(
+    specs: Iterable[Any], title: str = "divergences (loss.divergence)", params_key: str = "loss.params"
+) -> Table:
+    table = Table(title=title, header_style="bold")
     table.add_column("name", style="cyan", no_wrap=True)
     table.add_column("divergence")
-    table.add_column("parameters (loss.params)")
+    table.add_column(f"parameters ({params_key})")
     table.add_column("from")
     for spec in specs:
         params = ", ".join(f"{key}={value}" for key, value in spec.params.items())

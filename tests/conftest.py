@@ -22,11 +22,7 @@ def make_tiny_tokenizer(vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [
-        line
-        for path in sorted((REPO / "kdcli" / "data" / "starter").glob("*.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines()
-    ] or ["the quick brown fox jumps over the lazy dog"] * 10
+    corpus = _starter_corpus() or ["the quick brown fox jumps over the lazy dog"] * 10
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,12 +44,52 @@ def make_tiny_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def make_tiny_llama(path: Path, *, layers: int = 4, hidden: int = 64, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Save a random tiny Llama with the tiny tokenizer to `path` and return it."""
+def _starter_corpus() -> list[str]:
+    return [
+        line
+        for path in sorted((REPO / "kdcli" / "data" / "starter").glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+
+
+def make_sentencepiece_tokenizer(vocab_size: int = 700):
+    """A SentencePiece-style BPE (Llama 2's scheme: `▁` for spaces, `<0xNN>` byte fallback, `</s>` as EOS) trained
+    on the starter data: other merges, other vocabulary, another way of writing spaces than `make_tiny_tokenizer`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    # The byte tokens go in as the trainer's special tokens, so that they are in the model's vocabulary, where byte
+    # fallback looks for them.
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", *bytes_]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(_starter_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE.replace("<|im_end|>\n{% endfor %}", "</s>\n{% endfor %}")
+    return fast
+
+
+def make_tiny_llama(
+    path: Path,
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    vocab_size: int = 512,
+    seed: int = 0,
+    sentencepiece: bool = False,
+) -> Path:
+    """Save a random tiny Llama with the tiny tokenizer (or the SentencePiece-style one) to `path` and return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tiny_tokenizer(vocab_size)
+    tokenizer = make_sentencepiece_tokenizer(vocab_size) if sentencepiece else make_tiny_tokenizer(vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

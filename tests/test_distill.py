@@ -174,9 +174,10 @@ def test_losses_command_lists_every_divergence(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(kdcli.ui, "console", Console(width=200))  # one row per divergence, nothing wrapped
     result = runner.invoke(app, ["losses"])
     assert result.exit_code == 0, result.output
-    for name in ("fkl", "rkl", "akl", "atkd", "skl", "srkl", "js", "tvd"):
+    for name in ("fkl", "rkl", "akl", "atkd", "skl", "srkl", "js", "tvd", "uld", "hybrid"):
         assert f" {name} " in result.output
     assert "mu=0.5" in result.output and "lam=0.2" in result.output and "COLING 2025" in result.output
+    assert "loss.cross_tokenizer.method" in result.output and "2402.12030" in result.output
 
 
 @pytest.mark.parametrize("divergence", ["akl", "atkd"])

@@ -789,10 +789,13 @@ def test_tail_sensitive() -> None:
 
 def test_sizing_covers_every_divergence() -> None:
     """Each divergence's work figure lives in kdcli.losses.sizing, and the loss object sizes its chunks by it."""
-    from kdcli.losses import sizing
+    from kdcli.losses import CROSS_TOKENIZER, sizing
 
-    assert set(sizing.DENSE_WORK) == set(LOSSES)
-    assert dict(sizing.DENSE_WORK) == {"fkl": 8, "rkl": 8, "skl": 9, "srkl": 9, "js": 8, "tvd": 7, "akl": 8, "atkd": 8}
+    assert set(sizing.DENSE_WORK) == set(LOSSES) | set(CROSS_TOKENIZER)
+    assert dict(sizing.DENSE_WORK) == {
+        **{"fkl": 8, "rkl": 8, "skl": 9, "srkl": 9, "js": 8, "tvd": 7, "akl": 8, "atkd": 8},
+        **{"uld": 5, "hybrid": 5},
+    }
     budgets = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20, "mps": 128 * 2**20}
     n, v = 10**6, 49152
     for name in LOSSES:

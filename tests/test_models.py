@@ -594,8 +594,9 @@ def test_vocabulary_mismatch_is_refused(tiny_teacher: Path, tiny_other_vocab: Pa
     message = str(err.value)
     assert message == (
         f"student.model: vocabulary differs from the teacher's (teacher {len(teacher_tok)} tokens, "
-        f"student {len(student_tok)}). Distillation over logits needs the same tokenizer; "
-        "pick a student from the teacher's family."
+        f"student {len(student_tok)}). Distillation over logits needs the same tokenizer: "
+        "pick a student from the teacher's family, or set loss.cross_tokenizer: {method: uld} (or hybrid) to "
+        "distil across tokenizers."
     )
     assert "\n" not in message
 

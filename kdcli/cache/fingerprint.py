@@ -77,7 +77,7 @@ def teacher_fingerprint(spec: str, model: torch.nn.Module) -> dict[str, str]:
 
 def loss_temperature(recipe: Recipe) -> float:
     """The cache must hold log-probs at the temperature the loss uses (see `kdcli.losses.sparse`)."""
-    return float(recipe.loss.params.get("temperature", 1.0))
+    return float(recipe.loss.chosen()[1].get("temperature", 1.0))
 
 
 def data_fingerprint(recipe: Recipe, split: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

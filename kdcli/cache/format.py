@@ -14,6 +14,9 @@ A shard holds, for its examples concatenated in order (N tokens, P labelled posi
     topk_logprobs  [P, K]  fp16 or bf16 (`cache.logprob_dtype`), log p of the teacher at the cache temperature
     label_logprob  [P]     float32: log p of the label token, in or out of the top K (ATKD needs it)
     tail_mass      [P]     float32: 1 - sum of the top-K probabilities
+    reads          [P]     int32: the response characters each labelled position has read, -1 inside a character
+                           (`kdcli.data.alignment`); what pairs the positions with a student of another tokenizer
+    rows           [n]     int32: the data row of each example
 
 Only labelled positions carry teacher records: prompt positions have no loss, and a record costs K times more
 than the one-byte mask that says where they are. The labels are the input ids shifted where the mask is set.
@@ -36,6 +39,9 @@ SPLITS = ("train", "eval")
 UINT16_VOCAB = 65_536
 IGNORE_INDEX = -100
 FIELDS = ("input_ids", "label_mask", "lengths", "positions", "topk_ids", "topk_logprobs", "label_logprob", "tail_mass")
+# Written since kd could pair the teacher's positions with another tokenizer's (`writer.reads` in the manifest): a
+# cache without them trains students of the teacher's tokenizer only.
+OFFSET_FIELDS = ("reads", "rows")
 REBUILD = "re-run `kd cache-teacher` with the same recipe and --out to rebuild it"
 
 

@@ -61,4 +61,4 @@ def teacher_examples(
         )
     responses = [row["response"] for row in read_generations(path)]
     generated, _ = with_teacher_responses(rows, recipe.data, split, responses)
-    return build_examples(generated, tokenizer, data, split, key)
+    return build_examples(generated, tokenizer, data, split, key, reads=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, overload
 
@@ -118,6 +119,23 @@ class CachedSplit(Sequence[dict[str, Any]]):
             raise shard_error(shard.path, f"holds {len(lengths)} examples, the manifest lists {shard.rows}")
         shard.token_start, shard.position_start = _cumulative(lengths), _cumulative(positions)
 
+    def alignment(self) -> tuple[list[int], list[list[int]]]:
+        """Each example's data row and what its labelled positions have read of the response (the `rows` and
+        `reads` a cache written with `writer.reads` holds), to pair them with a student of another tokenizer."""
+        rows: list[int] = []
+        reads: list[list[int]] = []
+        for shard in self.shards:
+            self._open(shard)
+            assert shard.position_start is not None
+            try:
+                flat = shard.handle.get_tensor("reads").tolist()
+                rows += shard.handle.get_tensor("rows").tolist()
+            except Exception as err:  # listed and hashed, but without the tensors: another kd wrote it
+                raise shard_error(shard.path, f"has no character offsets ({err})") from None
+            starts = shard.position_start
+            reads += [flat[a:b] for a, b in pairwise(starts)]
+        return rows, reads
+
     def stats(self) -> dict[str, Any]:
         return {
             "source": f"{self.root} ({self.split}, from {self.entry['data']['source']})",
@@ -152,6 +170,16 @@ def check_shard(path: Path, sha256: str, size: int) -> None:
         raise shard_error(path, "sha256 differs from the manifest (altered)")
 
 
+def stacked_records(examples: Sequence[dict[str, Any]], top_k: int) -> SparseTeacher:
+    """The cached examples' records, one after another: [P, K] over their labelled positions in order."""
+    return SparseTeacher(
+        torch.cat([example["topk_ids"].to(torch.long) for example in examples]).reshape(-1, top_k),
+        torch.cat([example["topk_logprobs"].float() for example in examples]).reshape(-1, top_k),
+        torch.cat([example["label_logprob"].float() for example in examples]),
+        torch.cat([example["tail_mass"].float() for example in examples]),
+    )
+
+
 class CacheCollator:
     """Pads like `Collator` and adds the teacher records, laid out [B, T, K] on the labelled positions."""
 
@@ -168,12 +196,7 @@ class CacheCollator:
                     f"teacher cache: an example has {int(valid[row].sum())} labelled positions but "
                     f"{len(example['tail_mass'])} teacher records; {fmt.REBUILD}."
                 )
-        records = SparseTeacher(
-            torch.cat([example["topk_ids"].to(torch.long) for example in examples]).reshape(-1, self.top_k),
-            torch.cat([example["topk_logprobs"].float() for example in examples]).reshape(-1, self.top_k),
-            torch.cat([example["label_logprob"].float() for example in examples]),
-            torch.cat([example["tail_mass"].float() for example in examples]),
-        ).placed(batch["labels"])
+        records = stacked_records(examples, self.top_k).placed(batch["labels"])
         return {
             **batch,
             "topk_ids": records.topk_ids,
@@ -195,6 +218,16 @@ class CachedTeacher:
         return SparseTeacher(
             batch["topk_ids"], batch["topk_logprobs"], batch["label_logprob"], batch["tail_mass"], self.temperature
         )
+
+    def records(self, batch: Batch, k: int, temperature: float) -> SparseTeacher:
+        """Across tokenizers: the records of the batch's teacher positions, [P, K] in order (`cache_records`)."""
+        return SparseTeacher(*(batch[f"teacher_{name}"] for name in TEACHER_FIELDS), self.temperature)
+
+
+def cache_records(examples: Sequence[dict[str, Any]], top_k: int) -> Batch:
+    """The teacher part of a batch across tokenizers: the cached examples' records, `teacher_` before each name."""
+    records = stacked_records(examples, top_k)
+    return {f"teacher_{name}": getattr(records, name) for name in TEACHER_FIELDS}
 
 
 def open_split(root: Path, manifest: dict[str, Any], split: str, key: str = "teacher.cache") -> CachedSplit:

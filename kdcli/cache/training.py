@@ -52,13 +52,20 @@ def read_manifest_for(recipe: Recipe, on_message: Any) -> tuple[Path, dict[str, 
 
 
 def open_for_training(
-    recipe: Recipe, root: Path, manifest: dict[str, Any], tokenizer: Any, student_vocab: int
+    recipe: Recipe, root: Path, manifest: dict[str, Any], tokenizer: Any, student_vocab: int | None
 ) -> CacheForTraining:
     """Check the cache against the recipe and the student, and open the splits the recipe reads.
 
     A recipe with `data.eval` needs the cache's eval split (refused otherwise, with the command that writes it), so
-    eval losses stay comparable to an online run's.
+    eval losses stay comparable to an online run's. `tokenizer` is the one the cache was written with: the
+    student's, or across tokenizers (`student_vocab` None) the teacher's, and the cache must then hold the
+    teacher's character offsets.
     """
+    if student_vocab is None and not manifest.get("writer", {}).get("reads"):
+        raise KdError(
+            f"teacher.cache: {root} was written without the teacher's character offsets, which pair its positions "
+            f"with a student of another tokenizer; rebuild it with `kd cache-teacher RECIPE --out {root} --overwrite`."
+        )
     rows = differences(manifest.get("setup", {}), setup_of(recipe, tokenizer))
     for split in splits_distill_reads(recipe):
         spec = recipe.data.spec(split)
@@ -80,7 +87,7 @@ def open_for_training(
         )
 
     vocab = int(manifest["writer"]["vocab"])
-    if student_vocab < vocab:
+    if student_vocab is not None and student_vocab < vocab:
         raise KdError(
             f"teacher.cache: the cache covers {vocab} teacher logits but the student's output layer has only "
             f"{student_vocab} rows; pick a student with the teacher's vocabulary."

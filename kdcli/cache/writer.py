@@ -57,7 +57,9 @@ def shard_plan(lengths: Sequence[int], shard_tokens: int) -> list[list[int]]:
     return plan
 
 
-def writer_settings(recipe: Recipe, top_k: int, vocab: int) -> dict[str, Any]:
+def writer_settings(recipe: Recipe, top_k: int, vocab: int, reads: bool = True) -> dict[str, Any]:
+    """The settings that decide a shard's bytes; `reads`: the shards hold the positions' character offsets (a
+    cache begun before kd wrote them is finished without, so that its shards stay alike)."""
     return {
         "top_k": top_k,
         "vocab": vocab,
@@ -66,7 +68,7 @@ def writer_settings(recipe: Recipe, top_k: int, vocab: int) -> dict[str, Any]:
         "shard_tokens": recipe.cache.shard_tokens,
         "batch_size": recipe.cache.batch_size,
         "precision": recipe.train.precision,
-    }
+    } | ({"reads": True} if reads else {})
 
 
 def check_out_dir(out: Path, overwrite: bool) -> dict[str, Any] | None:
@@ -141,7 +143,7 @@ def _write_cache(
         "format": fmt.FORMAT,
         "version": fmt.VERSION,
         "setup": setup_of(recipe, tokenizer),
-        "writer": writer_settings(recipe, top_k, vocab),
+        "writer": writer_settings(recipe, top_k, vocab, previous is None or "reads" in previous.get("writer", {})),
         "splits": {},
     }
     if previous is not None:
@@ -284,7 +286,7 @@ def _examples(
 ) -> Examples:
     key = f"data.{split}"
     if recipe.data.responses == "dataset":
-        return build_examples(rows, tokenizer, recipe.data, split, key)  # type: ignore[arg-type]
+        return build_examples(rows, tokenizer, recipe.data, split, key, reads=True)  # type: ignore[arg-type]
     from kdcli.cache.generate import teacher_examples
 
     folder = out / split
@@ -330,7 +332,8 @@ def _shard_tensors(
 
     writer = manifest["writer"]
     id_dtype, lp_dtype = fmt.torch_dtype(writer["id_dtype"]), fmt.torch_dtype(writer["logprob_dtype"])
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in fmt.FIELDS}
+    offsets = bool(writer.get("reads"))
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in fmt.FIELDS + (fmt.OFFSET_FIELDS if offsets else ())}
     batch_size = writer["batch_size"]
     for lo in range(start, end, batch_size):
         batch = collate(examples[lo : min(end, lo + batch_size)])
@@ -346,6 +349,10 @@ def _shard_tensors(
         parts["topk_logprobs"].append(record.topk_logprobs.to(lp_dtype))
         parts["label_logprob"].append(record.label_logprob.float())
         parts["tail_mass"].append(record.tail_mass.float())
+        if offsets:
+            assert examples.reads is not None
+            parts["reads"] += [torch.tensor(examples.reads[i], dtype=torch.int32) for i in range(lo, lo + len(lengths))]
+            parts["rows"].append(torch.tensor(examples.rows[lo : lo + len(lengths)], dtype=torch.int32))
         on_batch(int(torch.cat(parts["lengths"]).sum()))
     tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
     mass = {"positions": int(tensors["tail_mass"].numel()), "topk_mass_sum": float((1 - tensors["tail_mass"]).sum())}

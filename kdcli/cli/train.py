@@ -295,10 +295,12 @@ def recipe_keys(
 @app.command()
 def losses() -> None:
     """List the divergences: parameters, defaults and the paper each comes from."""
-    from kdcli.losses import LOSSES
+    from kdcli.losses import CROSS_TOKENIZER, LOSSES
     from kdcli.ui import console, losses_table
 
     console.print(losses_table(LOSSES.values()))
+    title = "across tokenizers (loss.cross_tokenizer.method)"
+    console.print(losses_table(CROSS_TOKENIZER.values(), title, "loss.cross_tokenizer.params"))
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,6 +70,40 @@ class Collator:
             if n > 1:
                 labels[row, : n - 1] = torch.as_tensor(raw[1:], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PairCollator:
+    """Batches of `PairedExamples` (a student and a teacher of different tokenizers).
+
+    The student's tensors are `student`'s (`Collator`), the teacher's part is `teacher`'s, a function of the teacher
+    examples: its own padded `teacher_input_ids`, `teacher_attention_mask` and `teacher_labels` (`teacher_tokens`),
+    or a cache's records. `pair` [B, T]: for each student position, the row of the batch's teacher positions it is
+    paired with, counted over the teacher examples' labelled positions in order (the rows of
+    `teacher_labels != -100`), or -1.
+    """
+
+    def __init__(self, student: Collator, teacher: Callable[[Sequence[Example]], dict[str, torch.Tensor]]) -> None:
+        self.student, self.teacher = student, teacher
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.student(examples)
+        pair = torch.full_like(batch["labels"], -1)
+        base = 0
+        for row, example in enumerate(examples):
+            pairs = torch.as_tensor(example["pair"], dtype=torch.long)
+            start = len(example["input_ids"]) - len(pairs) - 1  # the position predicting the first response token
+            pair[row, start : start + len(pairs)] = torch.where(pairs >= 0, pairs + base, -1)
+            base += sum(label != IGNORE_INDEX for label in example["teacher"]["labels"])
+        return {**batch, **self.teacher([example["teacher"] for example in examples]), "pair": pair}
+
+
+def teacher_tokens(collate: Collator) -> Callable[[Sequence[Example]], dict[str, torch.Tensor]]:
+    """The teacher part of a `PairCollator` batch for a teacher that runs: its own tokens, padded by `collate`."""
+
+    def part(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        return {f"teacher_{key}": value for key, value in collate(examples).items()}
+
+    return part
 
 
 # Optimizer steps whose examples are sorted together by length when batches are grouped by length: enough to put

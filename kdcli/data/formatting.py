@@ -10,13 +10,14 @@ from __future__ import annotations
 import string
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from kdcli.data.alignment import reads_of
 from kdcli.data.fields import FieldMap, columns_of, resolve_fields
 from kdcli.data.sources import Rows, first_line, load_rows, place_of, source_name
-from kdcli.data.tokens import assemble, bos_to_add, encode_pairs, eos_id
+from kdcli.data.tokens import IGNORE_INDEX, assemble, bos_to_add, encode_pairs, eos_id
 from kdcli.errors import KdError, KdWarning, did_you_mean
 from kdcli.recipe.schema import DataConfig
 
@@ -118,6 +119,10 @@ class Examples(Sequence[dict[str, list[int]]]):
     n_prompt_truncated: int = 0  # ... of which the prompt itself had to be cut
     tokens: int = 0
     response_tokens: int = 0  # tokens with a label: the ones the loss is computed on
+    rows: list[int] = field(default_factory=list)  # the data row of each example
+    # With `build_examples(..., reads=True)`: per example, the response characters each labelled position has read
+    # (`kdcli.data.alignment.reads_of`), to pair it with another tokenizer's positions.
+    reads: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -137,6 +142,21 @@ class Examples(Sequence[dict[str, list[int]]]):
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
+
+    def subset(self, indices: Sequence[int]) -> Examples:
+        """These examples only (the counts of rows read, dropped and cut stay those of the whole split)."""
+        if len(indices) == len(self):
+            return self
+        ids = [self.input_ids[i] for i in indices]
+        return replace(
+            self,
+            input_ids=ids,
+            labels=[self.labels[i] for i in indices],
+            rows=[self.rows[i] for i in indices],
+            reads=None if self.reads is None else [self.reads[i] for i in indices],
+            tokens=sum(map(len, ids)),
+            response_tokens=sum(sum(label != IGNORE_INDEX for label in self.labels[i]) for i in indices),
+        )
 
     def stats(self) -> dict[str, Any]:
         """The counts as a JSON-ready dict, for run records."""
@@ -196,8 +216,11 @@ def build_examples(
     split: Split,
     key: str,
     on_warning: Callable[[str], None] | None = None,
+    *,
+    reads: bool = False,
 ) -> Examples:
-    """Format and tokenize `rows` (see `format_prompt`, `tokenize_example`) into `Examples`.
+    """Format and tokenize `rows` (see `format_prompt`, `tokenize_example`) into `Examples`; with `reads`, each
+    example also records what its labelled positions have read of the response (`alignment.reads_of`).
 
     Keeps the first `cfg.max_{split}_examples` usable examples. Rows whose response is empty (or whose prompt
     formats to no tokens) are skipped, not used up, and counted in `n_dropped`; `on_warning` (default: a
@@ -209,13 +232,16 @@ def build_examples(
     fmap, selected = _selected(rows, cfg, split, key)
     limit = cfg.max_examples(split)
     eos, bos = eos_id(tokenizer), bos_to_add(tokenizer)
-    out = Examples(split=split, source=source, fields=fmap)
+    out = Examples(split=split, source=source, fields=fmap, reads=[] if reads else None)
     skipped: dict[str, list[int]] = {"response": [], "prompt": []}  # row indices, by what was empty
 
     def flush(batch: list[tuple[int, dict[str, str]]]) -> None:
         prompts = [format_prompt(f, tokenizer, cfg) for _, f in batch]
-        prompt_ids, response_ids = encode_pairs(prompts, [f["response"] for _, f in batch], tokenizer, bos)
-        for (index, _), p_ids, r_ids in zip(batch, prompt_ids, response_ids, strict=True):
+        responses = [f["response"] for _, f in batch]
+        prompt_ids, response_ids, offsets = encode_pairs(prompts, responses, tokenizer, bos, offsets=reads)
+        for (index, _), p_ids, r_ids, r_text, r_offsets in zip(
+            batch, prompt_ids, response_ids, responses, offsets or [()] * len(batch), strict=True
+        ):
             if limit is not None and len(out) >= limit:
                 return
             out.n_rows += 1
@@ -226,6 +252,10 @@ def build_examples(
                 continue
             out.input_ids.append(example["input_ids"])
             out.labels.append(example["labels"])
+            out.rows.append(index)
+            if out.reads is not None:
+                labelled = len(example["input_ids"]) - example["prompt_length"]
+                out.reads.append(reads_of(r_offsets, len(r_text))[:labelled])
             out.n_truncated += example["truncated"]
             out.n_prompt_truncated += example["prompt_truncated"]
             out.tokens += len(example["input_ids"])

@@ -98,17 +98,24 @@ def tokenize_example(
     Returns None when the response is empty. Also returns `prompt_length`, `truncated`, `prompt_truncated`.
     """
     bos = bos_to_add(tokenizer)
-    prompt_ids, response_ids = encode_pairs([prompt], [response], tokenizer, bos)
+    prompt_ids, response_ids, _ = encode_pairs([prompt], [response], tokenizer, bos)
     return assemble(
         prompt_ids[0], response_ids[0], eos_token_id=eos_id(tokenizer), max_length=max_length, bos_token_id=bos
     )
 
 
 def encode_pairs(
-    prompts: list[str], responses: list[str], tokenizer: PreTrainedTokenizerBase, bos: int | None
-) -> tuple[list[list[int]], list[list[int]]]:
+    prompts: list[str],
+    responses: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    bos: int | None,
+    *,
+    offsets: bool = False,
+) -> tuple[list[list[int]], list[list[int]], list[list[tuple[int, int]]] | None]:
+    """Prompt and response token ids, each tokenized on its own; with `offsets`, also each response token's
+    (start, end) characters in its response (a fast tokenizer's offset mapping)."""
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(responses, add_special_tokens=False, return_offsets_mapping=offsets)
     if bos is not None:
         prompt_ids = [ids if ids and ids[0] == bos else [bos, *ids] for ids in prompt_ids]
-    return prompt_ids, response_ids
+    return prompt_ids, encoded["input_ids"], encoded["offset_mapping"] if offsets else None

@@ -243,7 +243,7 @@ def evaluate(
 def _heads(recipe: Recipe, parts: Prepared, ds_config: dict[str, Any] | None) -> Heads:
     """`loss.fused` for this run: the student's head, and the online teacher's where it runs whole on this process."""
     why_not = "the student trains under DeepSpeed, whose engine owns its forward" if ds_config else None
-    teacher = parts.teacher
+    teacher = getattr(parts.teacher, "inner", parts.teacher)  # across tokenizers: the source of the records
     online = isinstance(teacher, OnlineTeacher) and not (recipe.deepspeed and recipe.deepspeed.teacher_zero3)
     heads = choose_heads(recipe.loss.fused, parts.student, teacher.model if online else None, why_not)
     if isinstance(teacher, OnlineTeacher):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcli.errors import KdError
-from kdcli.losses import ProjectedLogits, fused_objective, get_loss
+from kdcli.losses import ProjectedLogits, fused_objective
 from kdcli.models import FusedHead, fused_head
 from kdcli.recipe import LossConfig
 
@@ -33,7 +33,7 @@ class Objective:
 
     def __init__(self, cfg: LossConfig) -> None:
         self.cfg = cfg
-        self.divergence = get_loss(cfg.divergence, **cfg.params)
+        self.divergence = cfg.build()
         temperature = self.divergence.temperature  # as validated, defaults from the registry
         # Hinton's T^2 keeps the divergence's gradient scale independent of the temperature.
         self.kd_scale = temperature**2 if cfg.scale_by_t2 else 1.0

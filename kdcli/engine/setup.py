@@ -21,6 +21,7 @@ import torch
 
 from kdcli.data import Collator, Examples, build_examples, read_split
 from kdcli.durable import disk_errors
+from kdcli.engine.cross import CrossTokenizer
 from kdcli.engine.distributed import World, check_nodes_agree, init_deepspeed, on_main_then_shared
 from kdcli.engine.observer import Observer
 from kdcli.engine.teachers import Batch, OnlineTeacher, ServedTeacherSource, TeacherSource
@@ -95,19 +96,19 @@ def prepare(recipe: Recipe, runtime: Runtime, observer: Observer) -> Prepared:
     tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
     teacher_config = load_config(recipe.teacher.model)
     config = student_config(recipe.student, teacher_config)
-    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_config, config)
+    width, cross = _tokenizers(recipe, teacher_tokenizer, tokenizer, teacher_config, config)
     if recipe.student.lora:  # a mistyped target module fails here, before the teacher loads
         trainable_for(config, recipe.student.lora)
-    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
-    eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    train_set, eval_set = _examples(recipe, cross, tokenizer, train_rows, eval_rows)
     check_nodes_agree(agreed_settings(recipe, examples_fingerprint(train_set, eval_set)))  # before any weights load
 
     observer.message(f"Loading teacher {recipe.teacher.model}")
     teacher_model = load_teacher(recipe.teacher, runtime.inference_dtype)
-    collate = Collator(tokenizer.pad_token_id)
+    collate = cross.collator() if cross else Collator(tokenizer.pad_token_id)
     recipe, choice = choose_layers(recipe, teacher_model, train_set, runtime, observer)
     student = _student(recipe, observer, teacher_model)
-    teacher = OnlineTeacher(teacher_model, runtime, width, recipe.teacher.model)
+    online = OnlineTeacher(teacher_model, runtime, cross.teacher_rows if cross else width, recipe.teacher.model)
+    teacher = cross.source(online) if cross else online
     return Prepared(recipe, teacher, student, tokenizer, width, train_set, eval_set, collate, choice)
 
 
@@ -119,9 +120,26 @@ def _prepare_cached(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     config = student_config(recipe.student, lambda: load_config(recipe.teacher.model))
     if recipe.student.lora:
         trainable_for(config, recipe.student.lora)
-    cache = open_for_training(recipe, root, manifest, tokenizer, int(config.get_text_config().vocab_size))
+    width, cross, cache_tokenizer = int(config.get_text_config().vocab_size), None, tokenizer
+    if recipe.loss.cross_tokenizer is not None:  # the cache is the teacher's: checked against its tokenizer
+        cache_tokenizer = load_tokenizer(recipe.teacher.model)
+        width, cross = _tokenizers(recipe, cache_tokenizer, tokenizer, load_config(recipe.teacher.model), config)
+        assert cross is not None
+        cross.check_k(int(manifest["writer"]["top_k"]), f"the cache {root}")
+    cache = open_for_training(recipe, root, manifest, cache_tokenizer, None if cross else width)
     # The manifest lists every shard's sha256 and what the cache was computed from.
     check_nodes_agree(agreed_settings(recipe, _sha256_json([manifest.get("setup"), manifest.get("splits")])))
+    if cross is not None:  # the student's own examples, paired with the cached ones of the same rows
+        from kdcli.cache.reader import cache_records
+
+        train_rows, eval_rows = read_split(recipe.data, "train"), read_split(recipe.data, "eval")
+        assert train_rows is not None
+        train_set = cross.examples(train_rows, "train", cache.train_set)
+        eval_set = None if eval_rows is None else cross.examples(eval_rows, "eval", cache.eval_set)
+        top_k = int(manifest["writer"]["top_k"])
+        collate = cross.collator(lambda examples: cache_records(examples, top_k))
+        student = _student(recipe, observer, None)
+        return Prepared(recipe, cross.source(cache.teacher), student, tokenizer, width, train_set, eval_set, collate)
     teacher_model, choice = None, None
     if _unscored(recipe):  # the teacher is read anyway to cut the student: it scores its layers first
         observer.message(f"Loading teacher {recipe.teacher.model} to choose the student's layers")
@@ -153,14 +171,15 @@ def _prepare_served(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     tokenizer = student_tokenizer(recipe.student, recipe.teacher.model)
     teacher_config = load_config(recipe.teacher.model)
     config = student_config(recipe.student, teacher_config)
-    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_config, config)
+    width, cross = _tokenizers(recipe, teacher_tokenizer, tokenizer, teacher_config, config)
+    if cross is not None:
+        cross.check_k(server.top_k, "teacher.server.top_k")
     if recipe.student.lora:
         trainable_for(config, recipe.student.lora)
     observer.message(f"Checking the teacher served at {public_url(server.url)} ({server.model})")
     served = ServedTeacher(server)
     served.check(teacher_tokenizer, server.top_k)
-    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
-    eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    train_set, eval_set = _examples(recipe, cross, tokenizer, train_rows, eval_rows)
     check_nodes_agree(agreed_settings(recipe, examples_fingerprint(train_set, eval_set)))
     teacher_model, choice = None, None
     if recipe.student.init == "teacher":  # the student is cut from the teacher's weights: read once, then dropped
@@ -171,8 +190,33 @@ def _prepare_served(recipe: Recipe, runtime: Runtime, observer: Observer) -> Pre
     del teacher_model
     source = ServedTeacherSource(served, server.top_k, f"{server.model} served at {public_url(server.url)}")
     source.num_parameters = parameters_of(teacher_config)
-    collate = Collator(tokenizer.pad_token_id)
-    return Prepared(recipe, source, student, tokenizer, width, train_set, eval_set, collate, choice)
+    collate = cross.collator() if cross else Collator(tokenizer.pad_token_id)
+    teacher = cross.source(source) if cross else source
+    return Prepared(recipe, teacher, student, tokenizer, width, train_set, eval_set, collate, choice)
+
+
+def _tokenizers(
+    recipe: Recipe, teacher_tokenizer: Any, tokenizer: Any, teacher_config: Any, config: Any
+) -> tuple[int, CrossTokenizer | None]:
+    """The student's logit width (`check_tokenizers`) and, with `loss.cross_tokenizer`, what pairs the two
+    tokenizations, checked before any weight is read."""
+    cross = recipe.loss.cross_tokenizer is not None
+    width = check_tokenizers(teacher_tokenizer, tokenizer, teacher_config, config, cross_tokenizer=cross)
+    if not cross:
+        return width, None
+    rows = int(teacher_config.get_text_config().vocab_size)
+    return width, CrossTokenizer.of(recipe, teacher_tokenizer, tokenizer, rows)
+
+
+def _examples(
+    recipe: Recipe, cross: CrossTokenizer | None, tokenizer: Any, train_rows: Any, eval_rows: Any
+) -> tuple[Any, Any]:
+    """The train and eval examples in the student's tokens: paired with the teacher's across tokenizers."""
+    if cross is not None:
+        return cross.examples(train_rows, "train"), None if eval_rows is None else cross.examples(eval_rows, "eval")
+    train_set = build_examples(train_rows, tokenizer, recipe.data, "train", "data.train")
+    eval_set = None if eval_rows is None else build_examples(eval_rows, tokenizer, recipe.data, "eval", "data.eval")
+    return train_set, eval_set
 
 
 def agreed_settings(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:

@@ -12,12 +12,12 @@ from typing import Protocol
 import torch
 
 from kdcli.hardware import Runtime
-from kdcli.losses import ProjectedLogits, SparseTeacher
+from kdcli.losses import AlignedTeacher, ProjectedLogits, SparseTeacher, records_at
 from kdcli.models import FusedHead, logits_of, projected_logits_of
 from kdcli.models.served import ServedTeacher
 
 Batch = dict[str, torch.Tensor]
-Targets = torch.Tensor | ProjectedLogits | SparseTeacher
+Targets = torch.Tensor | ProjectedLogits | SparseTeacher | AlignedTeacher
 
 
 class TeacherSource(Protocol):
@@ -54,6 +54,12 @@ class OnlineTeacher:
             return projected_logits_of(self.head, batch, self.runtime, self.width)
         return logits_of(self.model, batch, self.runtime, self.width)
 
+    @torch.no_grad()
+    def records(self, batch: Batch, k: int, temperature: float) -> SparseTeacher:
+        """Across tokenizers: the top-k records of the teacher's labelled positions, from its own tokens."""
+        own = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+        return records_at(self.targets(own), batch["teacher_labels"], k, temperature)
+
 
 class ServedTeacherSource:
     """Asks a served teacher for each batch's top-K log-probs (`kdcli.models.served`): the records a cache holds,
@@ -71,3 +77,45 @@ class ServedTeacherSource:
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         records = self.served.sparse(batch["input_ids"].cpu(), lengths, labels.cpu(), self.top_k)
         return records.placed(labels)
+
+    @torch.no_grad()
+    def records(self, batch: Batch, k: int, temperature: float) -> SparseTeacher:
+        """Across tokenizers: the served top-K of the teacher's labelled positions, from its own tokens."""
+        lengths = batch["teacher_attention_mask"].sum(dim=1).tolist()
+        return self.served.sparse(batch["teacher_input_ids"].cpu(), lengths, batch["teacher_labels"].cpu(), self.top_k)
+
+
+class RecordSource(Protocol):
+    description: str
+    num_parameters: int
+
+    def records(self, batch: Batch, k: int, temperature: float) -> SparseTeacher:
+        """The teacher's records ([P, ≥ k], at `temperature`) of the batch's teacher positions, in order."""
+        ...
+
+
+class AlignedSource:
+    """A teacher of another tokenizer (`loss.cross_tokenizer`): the records `inner` gives of the teacher's own
+    positions, laid out on the student's by the batch's `pair` (`AlignedTeacher.from_records`), its tokens mapped to
+    the student's by `shared` (`kdcli.models.shared_vocabulary`)."""
+
+    def __init__(self, inner: RecordSource, shared: list[int], k: int, temperature: float) -> None:
+        self.inner = inner
+        self.shared = torch.tensor(shared, dtype=torch.long)
+        self.k, self.temperature = k, temperature
+        self.description = inner.description
+        self.num_parameters = inner.num_parameters
+
+    @property
+    def model(self) -> torch.nn.Module | None:  # what `place_teacher` moves: the online teacher's model
+        return getattr(self.inner, "model", None)
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self.inner.model = model  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def targets(self, batch: Batch) -> AlignedTeacher:
+        records = self.inner.records(batch, self.k, self.temperature)
+        pair = batch["pair"]
+        return AlignedTeacher.from_records(records, pair, self.shared.to(pair.device), self.k, self.temperature)

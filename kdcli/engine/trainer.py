@@ -215,7 +215,7 @@ def _start_info(session: Session, folder: RunFolder, state: TrainingState) -> di
         "train_examples": len(parts.train_set),
         "eval_examples": len(parts.eval_set) if parts.eval_set is not None else 0,
         "parameters": _parameters(session),
-        "divergence": session.recipe.loss.divergence,
+        "divergence": session.recipe.loss.chosen()[0],
     }
 
 
@@ -247,7 +247,7 @@ def _record(
         deepspeed={"zero_stage": ds_config["zero_optimization"]["stage"]} if ds_config else None,
         torch_threads=torch.get_num_threads(),
         precision=session.runtime.precision,
-        divergence=recipe.loss.divergence,
+        divergence=recipe.loss.chosen()[0],
         fused_head=session.heads.student is not None,
         parameters=_parameters(session),
         student_layers=parts.layer_choice,

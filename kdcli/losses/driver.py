@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .aligned import AlignedTeacher
+from .cross import AlignedDivergence, aligned_chunk
 from .kernel import (
     Buckets,
     Chunk,
@@ -35,19 +37,14 @@ from .kernel import (
     clamp_log_,
     compute_dtype,
     logit_rows,
+    logsumexp_rows,
     rowdot,
+    tempered_copy,
 )
 from .projection import ProjectedLogits
 from .sparse import SparseTeacher
 
 # ------------------------------------------------------------------------------------------- chunk functions
-
-
-def logsumexp_rows(x: Tensor) -> Tensor:
-    """Row logsumexp; −inf for an all −inf row (no NaN). Faster than torch.logsumexp on CPU."""
-    m = x.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return (x - m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
 
 
 def _tempered_log_softmax(x: Tensor, cdtype: torch.dtype, temperature: float) -> tuple[Tensor, Tensor]:
@@ -101,11 +98,7 @@ def sparse_chunk(
     """One chunk against a cached teacher, on buckets [top-K..., label-if-outside, tail] (M = K + 2)."""
     cdtype = compute_dtype(s_rows.dtype)
     neg_inf = float("-inf")
-    x = s_rows.to(cdtype)
-    if x is s_rows:  # x is modified in place below; never write into the caller's logits
-        x = x.clone()
-    if div.temperature != 1.0:
-        x.div_(div.temperature)
+    x = tempered_copy(s_rows, div.temperature)  # modified in place below
     k = int(ids.shape[1])
     ids = ids.to(torch.int64)
     y = y_rows.to(torch.int64).unsqueeze(1)
@@ -205,8 +198,11 @@ class DivergencePass:
             ]
             covered = 1.0 - self.take_sparse[3](rows.whole()).to(torch.float64)
             self.stats["teacher_mass_covered"] = float(covered.mean())
+        elif isinstance(teacher, AlignedTeacher):
+            self.take_aligned = [rows.source(t) for t in (teacher.logprobs, teacher.shared, teacher.tail_mass)]
         else:
             self.take_t = logit_rows(rows, teacher)
+        self.aligned = isinstance(teacher, AlignedTeacher)
         self.total = torch.zeros((), dtype=torch.float64, device=device)
         self.sums: dict[str, Tensor] = {}
 
@@ -229,6 +225,9 @@ class DivergencePass:
         if self.sparse:
             ids, lps, lab, tail = (take(c) for take in self.take_sparse)
             loss_rows, g, st = self.sparse_fn(div, s_rows, ids, lps, lab, tail, y, hard, need_grad)
+        elif self.aligned:
+            assert isinstance(div, AlignedDivergence)
+            loss_rows, g, st = aligned_chunk(div, s_rows, *(take(c) for take in self.take_aligned), need_grad)
         else:
             loss_rows, g, st = self.dense_fn(div, s_rows, self.take_t(c), y, hard, need_grad)
         scale: float | Tensor
@@ -348,13 +347,24 @@ def check_inputs(div: ChunkedDivergence, student: Tensor | ProjectedLogits, teac
     lead = shape[:-1]
     if tuple(labels.shape) != lead:
         raise LossConfigError(f"labels shape {tuple(labels.shape)} != student_logits leading shape {lead}")
-    if isinstance(teacher, SparseTeacher):
+    if isinstance(teacher, AlignedTeacher) != isinstance(div, AlignedDivergence):
+        raise LossConfigError(
+            f"'{div.name}' takes a teacher of another tokenizer as an AlignedTeacher, and only 'uld' and 'hybrid' do"
+            if isinstance(div, AlignedDivergence)
+            else f"'{div.name}' compares one vocabulary; an AlignedTeacher (another tokenizer) needs 'uld' or 'hybrid'"
+        )
+    if isinstance(teacher, (SparseTeacher, AlignedTeacher)):
         if teacher.shape != lead:
-            raise LossConfigError(f"SparseTeacher leading shape {teacher.shape} != student_logits {lead}")
+            raise LossConfigError(f"{type(teacher).__name__} leading shape {teacher.shape} != student_logits {lead}")
+        if isinstance(teacher, AlignedTeacher) and isinstance(div, AlignedDivergence) and teacher.k != div.top_k:
+            raise LossConfigError(
+                f"the AlignedTeacher holds {teacher.k} entries per position but '{div.name}' has "
+                f"top_k={div.top_k}; build it with k = top_k"
+            )
         t = teacher.temperature
         if t is not None and not math.isclose(t, div.temperature, rel_tol=1e-6):
             raise LossConfigError(
-                f"SparseTeacher log-probs were taken at temperature {t:g} but '{div.name}' uses "
+                f"{type(teacher).__name__} log-probs were taken at temperature {t:g} but '{div.name}' uses "
                 f"temperature {div.temperature:g}; the cache must be written at the loss temperature"
             )
     elif isinstance(teacher, (Tensor, ProjectedLogits)):

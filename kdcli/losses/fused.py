@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .driver import DivergencePass, _Job, check_inputs, check_num_valid, logsumexp_rows
-from .kernel import ChunkedDivergence, LossConfigError, Rows, Teacher, compute_dtype
+from .driver import DivergencePass, _Job, check_inputs, check_num_valid
+from .kernel import ChunkedDivergence, LossConfigError, Rows, Teacher, compute_dtype, logsumexp_rows
 from .projection import OutputLayer, ProjectedLogits, WeightGradient
 
 

@@ -35,12 +35,13 @@ from torch import Tensor
 from kdcli.errors import KdError
 
 from . import sizing
+from .aligned import AlignedTeacher
 from .projection import ProjectedLogits
 from .sparse import IGNORE_INDEX, SparseTeacher
 
 # What a divergence takes as the teacher: dense logits, logits still to be projected from hidden states (the fused
-# head), or a top-K cache.
-Teacher = Tensor | ProjectedLogits | SparseTeacher
+# head), a top-K cache, or (across tokenizers) top-k records laid out on the student's positions.
+Teacher = Tensor | ProjectedLogits | SparseTeacher | AlignedTeacher
 
 if TYPE_CHECKING:
     from .driver import ChunkFns
@@ -141,12 +142,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tempered_copy(rows: Tensor, temperature: float) -> Tensor:
+    """rows / T in the compute dtype, as a fresh tensor the caller may overwrite (never the caller's logits)."""
+    x = rows.to(compute_dtype(rows.dtype))
+    if x is rows:
+        x = x.clone()
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x
+
+
 def clamp_log_(x: Tensor) -> Tensor:
     return x.clamp_(min=torch.finfo(x.dtype).min)
 
 
 def safe_log(x: Tensor) -> Tensor:
     return clamp_log_(torch.log(x))
+
+
+def logsumexp_rows(x: Tensor) -> Tensor:
+    """Row logsumexp; −inf for an all −inf row (no NaN). Faster than torch.logsumexp on CPU."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (x - m).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
 
 
 # -------------------------------------------------------------------------------------------------- rows

@@ -1,4 +1,4 @@
-"""The divergence registry: one spec per name, parameter validation, and `get_loss`.
+"""The divergence registry: one spec per name, parameter validation, `get_loss` and `get_cross_tokenizer`.
 
 It is the one source of parameter defaults: the divergence classes take every parameter as a required keyword, and
 `get_loss` fills in what the caller leaves out from the spec (what `kd losses` shows).
@@ -14,11 +14,13 @@ from typing import Any
 
 from .akl import AdaptiveKL
 from .atkd import AdaptiveTeaching
+from .cross import AlignedDivergence
 from .js import JensenShannon
 from .kernel import ChunkedDivergence, LossConfigError
 from .kl import ForwardKL, ReverseKL
 from .skew import SkewForwardKL, SkewReverseKL
 from .tvd import TotalVariation
+from .uld import HybridULD, UniversalLogit
 
 _COMMON: dict[str, Any] = {"temperature": 1.0, "chunk_size": None}
 
@@ -34,7 +36,7 @@ class LossSpec:
     cls: type[ChunkedDivergence] = field(repr=False, compare=False)
 
     def build(self, **params: Any) -> ChunkedDivergence:
-        return get_loss(self.name, **params)
+        return (get_cross_tokenizer if issubclass(self.cls, AlignedDivergence) else get_loss)(self.name, **params)
 
 
 def _spec(cls: type[ChunkedDivergence], description: str, paper: str, **own: Any) -> LossSpec:
@@ -93,17 +95,49 @@ LOSSES: Mapping[str, LossSpec] = MappingProxyType(
 )
 
 
+# Divergences between a student and a teacher of another tokenizer (`loss.cross_tokenizer.method`): they take an
+# `AlignedTeacher`, the teacher's top-k at the paired positions (docs/methods.md, "Across tokenizers").
+CROSS_TOKENIZER: Mapping[str, LossSpec] = MappingProxyType(
+    {
+        s.name: s
+        for s in (
+            _spec(
+                UniversalLogit,
+                "ULD: L1 between the sorted probabilities of teacher and student (Wasserstein-1), top_k + a tail slot",
+                "Boizard et al. 2024 — ULD (arXiv 2402.12030)",
+                top_k=64,
+            ),
+            _spec(
+                HybridULD,
+                "KL on the tokens both vocabularies share (the rest as one bucket) + ULD on the rest",
+                "Boizard et al. (arXiv 2402.12030); TRL's GOLD trainer (hybrid ULD)",
+                top_k=64,
+            ),
+        )
+    }
+)
+
+
 def get_loss(name: str, **params: Any) -> ChunkedDivergence:
     """Build the divergence `name` (see LOSSES) with keyword parameters as in docs/methods.md.
 
     Raises LossConfigError (a ValueError) for an unknown name or parameter, or a value out of range.
     """
-    if not isinstance(name, str) or name not in LOSSES:
-        valid = ", ".join(LOSSES)
-        hint = difflib.get_close_matches(str(name), list(LOSSES), n=1, cutoff=0.5)
+    return _build(LOSSES, "divergence", name, params)
+
+
+def get_cross_tokenizer(method: str, **params: Any) -> ChunkedDivergence:
+    """Build the cross-tokenizer divergence `method` (see CROSS_TOKENIZER), as `get_loss` does."""
+    return _build(CROSS_TOKENIZER, "cross-tokenizer method", method, params)
+
+
+def _build(table: Mapping[str, LossSpec], kind: str, name: str, params: dict[str, Any]) -> ChunkedDivergence:
+    if not isinstance(name, str) or name not in table:
+        valid = ", ".join(table)
+        hint = difflib.get_close_matches(str(name), list(table), n=1, cutoff=0.5)
         did = f"; did you mean '{hint[0]}'?" if hint else ";"
-        raise LossConfigError(f"unknown divergence {name!r}{did} valid: {valid}")
-    spec = LOSSES[name]
+        raise LossConfigError(f"unknown {kind} {name!r}{did} valid: {valid}")
+    spec = table[name]
     for key in params:
         if key not in spec.params:
             valid = ", ".join(spec.params)

@@ -22,8 +22,8 @@ CUDA_CHUNK_BUDGET_BYTES = 1024 * 2**20
 # not listed (a divergence defined outside kd) counts DEFAULT_DENSE_WORK.
 DEFAULT_DENSE_WORK = 8
 DENSE_WORK: Mapping[str, int] = MappingProxyType(
-    {"fkl": 8, "rkl": 8, "skl": 9, "srkl": 9, "js": 8, "tvd": 7, "akl": 8, "atkd": 8}
-)
+    {"fkl": 8, "rkl": 8, "skl": 9, "srkl": 9, "js": 8, "tvd": 7, "akl": 8, "atkd": 8, "uld": 5, "hybrid": 5}
+)  # uld and hybrid against a teacher of another tokenizer: the student's row, its softmax and their temporaries
 # The same against a cached teacher (buckets {top-K, label, tail}: the student's row and its gradient dominate).
 SPARSE_WORK = 4
 # What the fused head adds per chunk (`kdcli.losses.fused`): the student's projected logits, the teacher's (dense

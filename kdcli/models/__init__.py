@@ -55,6 +55,7 @@ from kdcli.models.lora import (
     trainable_for,
 )
 from kdcli.models.passes import generate_file, partial_file, read_generations
+from kdcli.models.vocab import shared_vocabulary, token_bytes
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -99,8 +100,10 @@ __all__ = [
     "read_generations",
     "resolve_model",
     "save_adapter",
+    "shared_vocabulary",
     "student_config",
     "student_tokenizer",
+    "token_bytes",
     "trainable_for",
     "vocab_fingerprint",
     "weights_fingerprint",

@@ -274,16 +274,21 @@ def check_tokenizers(
     student_tok: PreTrainedTokenizerBase,
     teacher_config: PretrainedConfig,
     student_config: PretrainedConfig,
+    *,
+    cross_tokenizer: bool = False,
 ) -> int:
-    """Refuse a student whose vocabulary differs from the teacher's; return how many logit columns to compare.
+    """Refuse a student whose vocabulary differs from the teacher's (unless the recipe distils across tokenizers,
+    `cross_tokenizer`); return how many of the student's logit columns the loss reads.
 
     Output layers padded past the tokenizer (config.vocab_size ≥ len(tokenizer), e.g. Qwen2.5 0.5B vs 7B) are
     accepted when the token→id maps agree; the returned width is the smaller one, so the caller slices both
-    models' logits to `[..., :width]` when they differ.
+    models' logits to `[..., :width]` when they differ. Across tokenizers each model keeps its whole output layer
+    (the student's width is returned; the teacher's is its config's).
     """
     t_rows, s_rows = _output_rows(teacher_config), _output_rows(student_config)
     t_len, s_len = len(teacher_tok), len(student_tok)
-    if teacher_tok is not student_tok and vocab_fingerprint(teacher_tok) != vocab_fingerprint(student_tok):
+    same = teacher_tok is student_tok or vocab_fingerprint(teacher_tok) == vocab_fingerprint(student_tok)
+    if not same and not cross_tokenizer:
         if t_len == s_len:
             t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
             token = next(t for t in sorted(t_vocab, key=t_vocab.__getitem__) if s_vocab.get(t) != t_vocab[t])
@@ -294,8 +299,9 @@ def check_tokenizers(
         else:
             detail = f"teacher {t_len} tokens, student {s_len}"
         raise KdError(
-            f"student.model: vocabulary differs from the teacher's ({detail}). "
-            "Distillation over logits needs the same tokenizer; pick a student from the teacher's family."
+            f"student.model: vocabulary differs from the teacher's ({detail}). Distillation over logits needs the "
+            "same tokenizer: pick a student from the teacher's family, or set loss.cross_tokenizer: {method: uld} "
+            "(or hybrid) to distil across tokenizers."
         )
     for field, rows, length in (("teacher.model", t_rows, t_len), ("student", s_rows, s_len)):
         if rows < length:
@@ -303,7 +309,7 @@ def check_tokenizers(
                 f"{field}: the model's output layer has {rows} rows but its tokenizer has {length} tokens; "
                 "some tokens would have no logit."
             )
-    return min(t_rows, s_rows)
+    return s_rows if cross_tokenizer else min(t_rows, s_rows)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

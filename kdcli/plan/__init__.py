@@ -93,12 +93,14 @@ def recipe_settings(recipe: Recipe, *, world_size: int, device: Device, memory: 
     train = recipe.train
     precision = train.precision
     ds_bf16 = getattr(ds, "bf16", None)
-    chunk = recipe.loss.params.get("chunk_size")
+    chosen = getattr(recipe.loss, "chosen", None)  # a schema without loss.cross_tokenizer: the divergence itself
+    divergence, params = chosen() if chosen else (recipe.loss.divergence, recipe.loss.params)
+    chunk = params.get("chunk_size")
     return Settings(
         batch_size=train.batch_size,
         seq_len=recipe.data.max_length,
         precision=precision,
-        divergence=recipe.loss.divergence,
+        divergence=divergence,
         kd_ratio=recipe.loss.kd_ratio,
         chunk_size=chunk if isinstance(chunk, int) and not isinstance(chunk, bool) else None,
         grad_accum=train.grad_accum,

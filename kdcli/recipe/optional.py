@@ -1,6 +1,6 @@
 """The recipe sections a run may leave out: DeepSpeed, the teacher cache's writer, teacher generation, on-policy
-sampling, a teacher behind a server. Their defaults describe a run without them; `schema.Recipe` holds one of each.
-"""
+sampling, a teacher behind a server, a teacher of another tokenizer. Their defaults describe a run without them;
+`schema.Recipe` holds one of each."""
 
 from __future__ import annotations
 
@@ -131,3 +131,31 @@ class ServerConfig(Section):
         if name is not None and not name.replace("_", "").isalnum():
             raise ValueError("name the environment variable holding the key (e.g. VLLM_API_KEY), not the key itself")
         return name
+
+
+class CrossTokenizerConfig(Section):
+    method: str = Field(
+        ...,
+        description=(
+            "`uld` or `hybrid` (`kd losses` lists them): how a teacher and a student of different tokenizers are "
+            "compared, at the positions that have read the same text (docs/methods.md, 'Across tokenizers')."
+        ),
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of the method, e.g. `{top_k: 64}`; defaults in `kd losses`."
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method_exists(cls, method: str) -> str:
+        from kdcli.losses import get_cross_tokenizer  # local: keeps schema import light
+
+        get_cross_tokenizer(method)  # raises ValueError naming the valid choices
+        return method
+
+    @model_validator(mode="after")
+    def _params_exist(self) -> CrossTokenizerConfig:
+        from kdcli.losses import get_cross_tokenizer
+
+        get_cross_tokenizer(self.method, **self.params)
+        return self

@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from kdcli.recipe.optional import CacheConfig, DeepSpeedConfig, GenerationConfig, OnPolicyConfig, ServerConfig
+from kdcli.recipe.optional import (
+    CacheConfig,
+    CrossTokenizerConfig,
+    DeepSpeedConfig,
+    GenerationConfig,
+    OnPolicyConfig,
+    ServerConfig,
+)
 from kdcli.recipe.section import Section
 from kdcli.recipe.student import LayerChoice, StudentConfig
 
@@ -118,12 +125,38 @@ class LossConfig(Section):
         ),
     )
 
+    cross_tokenizer: CrossTokenizerConfig | None = Field(
+        None,
+        description=(
+            "A student whose tokenizer differs from the teacher's: `{method: uld}` or `{method: hybrid}` replaces "
+            "`divergence` (docs/methods.md, 'Across tokenizers'). Required when the two vocabularies differ."
+        ),
+    )
+
     @model_validator(mode="after")
     def _divergence_and_params_exist(self) -> LossConfig:
         from kdcli.losses import get_loss  # local: keeps schema import light
 
         get_loss(self.divergence, **self.params)  # raises ValueError naming the valid choices
+        if self.cross_tokenizer is not None and (self.divergence != "fkl" or self.params):
+            raise ValueError(
+                "with cross_tokenizer the divergence is its method, and its parameters are cross_tokenizer.params; "
+                "remove divergence and params"
+            )
         return self
+
+    def chosen(self) -> tuple[str, dict[str, Any]]:
+        """The divergence the objective takes and its parameters: `cross_tokenizer`'s method when set."""
+        if self.cross_tokenizer is not None:
+            return self.cross_tokenizer.method, self.cross_tokenizer.params
+        return self.divergence, self.params
+
+    def build(self) -> Any:
+        """The divergence of `chosen()`, its parameter defaults filled in from the registry."""
+        from kdcli.losses import get_cross_tokenizer, get_loss
+
+        name, params = self.chosen()
+        return (get_cross_tokenizer if self.cross_tokenizer is not None else get_loss)(name, **params)
 
 
 class TrainConfig(Section):
@@ -265,6 +298,11 @@ class Recipe(Section):
                 "teacher.cache only holds targets for the data's responses; drop teacher.cache or set "
                 "on_policy.ratio: 0"
             )
+        if loss is not None and loss.cross_tokenizer is not None:
+            raise ValueError(
+                f"on_policy.ratio > 0 ({what}) with loss.cross_tokenizer: the student's samples would need the "
+                "teacher's tokenization and alignment, which kd does not build yet; set on_policy.ratio: 0"
+            )
         if loss is not None and loss.kd_ratio == 0:
             raise ValueError(
                 "sampled micro-batches train the divergence only (CE needs the data's responses), and loss.kd_ratio "
@@ -279,7 +317,7 @@ class Recipe(Section):
     @classmethod
     def _served_teacher_at_temperature_one(cls, loss: LossConfig, info: ValidationInfo) -> LossConfig:
         teacher = info.data.get("teacher")
-        temperature = float(loss.params.get("temperature", 1.0))
+        temperature = float(loss.chosen()[1].get("temperature", 1.0))
         if teacher is not None and teacher.server is not None and temperature != 1.0:
             raise ValueError(
                 f"params.temperature {temperature:g} needs the teacher's distribution at that temperature, and a "
