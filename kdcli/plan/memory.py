@@ -181,9 +181,9 @@ class Logits:
     naive: int  # divergence workspace of a naive dense implementation
     chunked: int  # divergence workspace of kd's chunked loss: one chunk
     chunk_rows: int
-    # The fused head (`loss.fused`): what the logits part holds instead of all the above, i.e. one chunk (student,
-    # teacher and CE logits with the divergence's work), ∂/∂h and the 16-bit copies of the output weights; plus the
-    # teacher's whole logits where only the student is fused. None: the plain path.
+    # The fused head (`loss.fused`): what the logits part holds instead of all the above, i.e. one chunk, one block
+    # of projected logits, ∂/∂h and the 16-bit copies of the output weights; plus the teacher's whole logits where
+    # only the student is fused. None: the plain path.
     fused: int | None = None
     fused_chunk_rows: int = 0
 
@@ -229,8 +229,10 @@ def logits_memory(
             n, vocab, s.divergence, device_type=s.device, sparse=sparse, chunk_size=s.chunk_size, fused=True, kd=uses_kd
         )
         teacher_fused = teacher is not None and not sparse and uses_kd
+        block = sizing.fused_block_rows(n, fused_rows)
         fused = (
             fused_rows * vocab * 4 * sizing.work(s.divergence, sparse, fused=True, kd=uses_kd)
+            + block * vocab * elem * (2 if teacher_fused else 1)  # the student's and a fused teacher's
             + n * student.hidden * 4  # ∂/∂h, fp32 like the residual stream
             # bf16 products need a 16-bit copy of the student's fp32 output weight (the teacher's is bf16 already)
             + (student.hidden * vocab * 2 if s.precision == "bf16" else 0)
