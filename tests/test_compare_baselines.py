@@ -63,6 +63,12 @@ def test_reference_columns_and_the_run_that_does_not_beat_them(runs: tuple[Path,
     assert rouge.cells["salad"].mean == pytest.approx(rouge.cells["frequent words (no model)"].mean, abs=1e-9)
     assert "frequent words (no model)" in rouge.cells["salad"].not_above
     assert rouge.cells["good"].not_above == []
+    # The difference behind each mark is kept, with its interval: the good run's excludes 0, the salad's is 0.
+    for title in starter.references:
+        delta, ci = rouge.cells["good"].versus_references[title]
+        assert delta == pytest.approx(rouge.cells["good"].mean - rouge.cells[title].mean, abs=1e-9)
+        assert ci is not None and 0 < ci[0] <= delta <= ci[1]
+    assert rouge.cells["salad"].versus_references["frequent words (no model)"][0] == pytest.approx(0.0, abs=1e-9)
     assert not rouge.cells["frequent words (no model)"].best  # a reference row is never the best run
     stop = next(row for row in starter.rows if row.metric == "stop_rate")
     assert stop.cells["good"].mean == 1.0 and stop.cells["salad"].mean == pytest.approx(10 / 30)

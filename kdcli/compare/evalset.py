@@ -40,8 +40,15 @@ EVAL_METRICS = (
     ("stop_rate", "stop rate", NONE, "{:.2f}"),
     ("judge", "judge", HIGHER, "{:.1f}"),
 )
-# Metrics that live in [0, 1]: their intervals are taken on the logit scale, so that they stay inside.
-BOUNDED: dict[str, Bounds] = {"distinct_1": (0.0, 1.0), "distinct_2": (0.0, 1.0), "stop_rate": (0.0, 1.0)}
+# Metrics with bounds: their intervals are taken on the logit scale, so that they stay inside (a ROUGE-L near 0
+# over three runs no longer reaches below it).
+BOUNDED: dict[str, Bounds] = {
+    "rougeL": (0.0, 100.0),
+    "exact_match": (0.0, 100.0),
+    "distinct_1": (0.0, 1.0),
+    "distinct_2": (0.0, 1.0),
+    "stop_rate": (0.0, 1.0),
+}
 DEFAULT_SEEDS = ("seed-10", "seed-20", "seed-30", "seed-40", "seed-50")
 
 
@@ -67,6 +74,9 @@ class MetricCell:
     # ROUGE-L only: the answers written without a model (`kd eval --baselines`) this run does not beat, the 95 %
     # interval of its ROUGE-L minus theirs not above 0 (their means, where no interval can be drawn)
     not_above: list[str] = field(default_factory=list)
+    # ROUGE-L only: this run minus each answer written without a model, by title: (difference, its 95 % interval
+    # from the same paired prompt bootstrap, None where none can be drawn)
+    versus_references: dict[str, tuple[float, tuple[float, float] | None]] = field(default_factory=dict)
 
 
 @dataclass

@@ -50,6 +50,9 @@ def mark_below_references(result: SetComparison, draws: Draws) -> None:
                 beaten = test.ci95[0] > 0
             else:
                 beaten = other is not None and cell.mean > other.mean
+            if other is not None:
+                delta = test.delta if test is not None else cell.mean - other.mean
+                cell.versus_references[title] = (delta, test.ci95 if test is not None else None)
             if not beaten:
                 cell.not_above.append(title)
     marked = {title for cell in row.cells.values() if cell is not None for title in cell.not_above}
