@@ -360,8 +360,9 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
         for shape, chosen in args.only_at.items()
         if any(d not in chosen for d in args.divergence_list)
     ]
+    skipped += [f"{shape} (left out of `--shapes`)" for shape in DEFAULT_SHAPES if shape not in args.shape_list]
     if skipped:
-        lines += ["", "Not run, for this run's time budget (`--only`): " + "; ".join(skipped) + "."]
+        lines += ["", "Not run, for this run's time budget: " + "; ".join(skipped) + "."]
     lines += [
         "",
         "Inputs alone (hidden states, both weights, labels) peak at "
