@@ -1,32 +1,38 @@
-"""kd against TRL's GKDTrainer: the same teacher, student, data, batches, steps, schedule and precision, one after
-the other, each trainer in its own process; tokens/s, peak RSS and the eval loss of both students.
+"""kd against TRL's GKDTrainer and DistillationTrainer: the same teacher, student, data, batches, steps, schedule and
+precision, one after the other, each trainer in its own process; tokens/s, peak RSS and the eval loss of each student.
 
     python bench/versus_trl.py                       # 20 steps of each, then docs/benchmarks.md
     python bench/versus_trl.py --steps 3 --no-doc    # a quick check of the script
-    python bench/versus_trl.py --precision bf16 --trl-data messages
+    python bench/versus_trl.py --precision bf16 --trl-data messages --trainers kd,trl
+    python bench/versus_trl.py --trainers kd,kd-ckpt,kd-bf16-states,kd-both,trl,distillation
 
 TRL lives in its own virtual environment (its transformers pin is its own), made once, beside kd's `.venv`, with:
 
     python -m venv .trl-env
     .trl-env/bin/pip install torch==2.13.0 trl
 
-(elsewhere: pass `--trl-python`, or set $KD_TRL_PYTHON).
+(elsewhere: pass `--trl-python`, or set $KD_TRL_PYTHON). DistillationTrainer needs TRL 1.11 or later.
 
 Stages, each a child process (this file runs itself with a hidden first argument):
 
 1. prepare (kd's python): converts the built-in teacher if needed, cuts kd's every-other-layer student from it
-   and saves it once, so that both trainers start from the same weights on disk; tokenizes the starter train split
+   and saves it once, so that every trainer starts from the same weights on disk; tokenizes the starter train split
    the way the recipe does and writes the examples of the first `steps` batches in kd's seeded order, and kd's
    learning-rate multipliers for every step.
-2. kd: `python -m kdcli distill recipes/quickstart.yaml --set ...` on the saved student, `fkl`, `kd_ratio` 1.
+2. kd: `python -m kdcli distill recipes/quickstart.yaml --set ...` on the saved student, `fkl`, `kd_ratio` 1; and,
+   where `--trainers` names them, the same run with kd's memory options (`KD_VARIANTS`: kd-ckpt with
+   `train.activation_checkpointing`, kd-bf16-states with `train.optimizer_states: bf16`, kd-both), so that what
+   each option saves of kd's peak and costs in tokens/s is measured in the same run.
 3. TRL (`--trl-python`): GKDTrainer with lmbda 0 (no student sampling: off-policy on the data's responses), beta 0
    (its generalized JSD is then KL(teacher || student), kd's fkl), temperature 1, seq_kd off, on the exported
    examples read in order, with the same AdamW and LambdaLR as kd.
-4. score (kd's python): kd's `evaluate` on the starter eval split, teacher online, for the initial student and both
-   trained ones.
+4. TRL's DistillationTrainer (`--trl-python`), beta 0, temperature 1, the same AdamW and LambdaLR: on-policy only,
+   so its sampling step hands back the exported responses instead (`distillation_stage`).
+5. score (kd's python): kd's `evaluate` on the starter eval split, teacher online, for the initial student and each
+   trained one.
 
 Peak memory is each trainer process's `ru_maxrss` as `os.wait4` reports it to this parent, loading included.
-tokens/s is the same count for both: non-pad tokens of the training batches over the seconds of the training loop
+tokens/s is the same count for all: non-pad tokens of the training batches over the seconds of the training loop
 (model loading and saving left out).
 """
 
@@ -57,7 +63,17 @@ DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Side by side with TRL"
 DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
 DEFAULT_TRL_PYTHON = os.environ.get("KD_TRL_PYTHON") or str(REPO / ".trl-env" / "bin" / "python")
-TRAINERS = ("kd", "trl")
+# kd's runs, each a recipe's `--set` overrides on top of the common ones: kd as the quickstart has it, and with each
+# of its memory options (what holds kd's peak at batch 8, and what each option costs).
+KD_VARIANTS: dict[str, list[str]] = {
+    "kd": [],
+    "kd-ckpt": ["train.activation_checkpointing=true"],
+    "kd-bf16-states": ["train.optimizer_states=bf16"],
+    "kd-both": ["train.activation_checkpointing=true", "train.optimizer_states=bf16"],
+}
+PEERS = ("trl", "distillation")  # TRL's GKDTrainer, TRL's DistillationTrainer
+TRAINERS = (*KD_VARIANTS, *PEERS)
+DEFAULT_TRAINERS = ("kd", "trl", "distillation")
 IGNORE_INDEX = -100
 
 
@@ -106,9 +122,10 @@ def paths(work: Path) -> dict[str, Path]:
         "student_init": work / "student-init",
         "train": work / "train.jsonl",
         "runs": work / "runs",
-        "kd_run": work / "runs" / "kd",
         "trl_out": work / "trl",
         "trl_record": work / "trl" / "record.json",
+        "distill_out": work / "distillation",
+        "distill_record": work / "distillation" / "record.json",
         "scores": work / "scores.json",
     }
 
@@ -122,7 +139,7 @@ def prepare_stage(work: Path) -> None:
     from kdcli.data import Collator, micro_batches, read_split
     from kdcli.data.formatting import build_examples, user_message
     from kdcli.engine.optim import lr_factor
-    from kdcli.models import build_student, resolve_model, student_tokenizer
+    from kdcli.models import build_student, load_config, parameters_of, resolve_model, student_tokenizer
     from kdcli.recipe import load_recipe
 
     p = paths(work)
@@ -177,6 +194,7 @@ def prepare_stage(work: Path) -> None:
             "student_dir": str(p["student_init"]),
             "student_layers": int(student.config.num_hidden_layers),
             "student_parameters": sum(t.numel() for t in student.parameters()),
+            "teacher_parameters": parameters_of(load_config(recipe.teacher.model)),
             "train_examples": len(examples),
             "stream_examples": sum(len(b) for b in batches),
             "stream_tokens": tokens,
@@ -189,121 +207,191 @@ def prepare_stage(work: Path) -> None:
 # --- stage 3: TRL (TRL's environment) -------------------------------------------------------------------------
 
 
+class TrlRun:
+    """What both TRL trainers share: the exported rows, the tokenizer, the student and teacher, kd's AdamW and
+    schedule, the training arguments they have in common, and a clock of the training loop."""
+
+    def __init__(self, work: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+        self.p = p = paths(work)
+        self.cfg = cfg = read_json(p["config"])
+        self.prepared = prepared = read_json(p["prepared"])
+        torch.set_num_threads(cfg["threads"])
+        self.rows = [json.loads(line) for line in p["train"].read_text(encoding="utf-8").splitlines()]
+        bf16 = cfg["precision"] == "bf16"
+        self.tokenizer = AutoTokenizer.from_pretrained(prepared["student_dir"])
+        self.student = AutoModelForCausalLM.from_pretrained(prepared["student_dir"], dtype=torch.float32)
+        # As kd does: an inference-only teacher holds bf16 weights in a bf16 run; the student keeps fp32 masters.
+        self.teacher = AutoModelForCausalLM.from_pretrained(
+            prepared["teacher_dir"], dtype=torch.bfloat16 if bf16 else torch.float32
+        )
+        self.common = {
+            "per_device_train_batch_size": cfg["batch_size"],
+            "gradient_accumulation_steps": 1,
+            "max_steps": cfg["steps"],
+            "learning_rate": cfg["lr"],
+            "max_grad_norm": 1.0,
+            # TRL's defaults are bf16 and gradient checkpointing on; kd has neither unless asked.
+            "bf16": bf16,
+            "fp16": False,
+            "gradient_checkpointing": False,
+            "use_cpu": True,
+            "seed": cfg["seed"],
+            "dataloader_num_workers": 0,
+            "logging_steps": 1,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+        }
+        # kd's optimizer and schedule, so that only the trainers differ: AdamW without weight decay (torch's default
+        # is 0.01), and the per-step multipliers kd's lr_factor gave in the prepare stage.
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=0.0, foreach=True
+        )
+        factors = prepared["lr_factors"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: factors[min(step, len(factors) - 1)]
+        )
+        run = self
+
+        class Clock(TrainerCallback):
+            """The training loop's seconds, as kd's run.json counts them: before the first batch to the last step."""
+
+            def on_train_begin(self, *_: Any, **__: Any) -> None:
+                run.started = time.perf_counter()
+
+            def on_train_end(self, *_: Any, **__: Any) -> None:
+                run.ended = time.perf_counter()
+
+        self.clock = Clock()
+        self.started = self.ended = 0.0
+        self.tokens_seen = 0  # non-pad tokens trained on, as kd counts them (attention_mask.sum() per batch)
+
+    def finish(self, trainer: Any, out: Path, record: Path) -> None:
+        """Save the student and write the run's record."""
+        from importlib import metadata
+
+        import torch
+
+        trainer.save_model(str(out / "student"))
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        names = ("trl", "transformers", "torch", "accelerate", "datasets")
+        write_json(
+            record,
+            {
+                "versions": {name: metadata.version(name) for name in names},
+                "steps": trainer.state.global_step,
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": self.ended - self.started,
+                "torch_threads": torch.get_num_threads(),
+                "loss": [h["loss"] for h in history],
+                "grad_norm": [h.get("grad_norm") for h in history],
+                "lr": [h.get("learning_rate") for h in history],
+            },
+        )
+
+
 def trl_stage(work: Path) -> None:
-    from importlib import metadata
-
-    import torch
-
-    p = paths(work)
-    cfg, prepared = read_json(p["config"]), read_json(p["prepared"])
-    torch.set_num_threads(cfg["threads"])
-
+    """GKDTrainer, off-policy (lmbda 0) on the exported rows."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     try:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
     except ImportError:  # TRL before GKD moved to experimental
         from trl import GKDConfig, GKDTrainer
 
-    rows = [json.loads(line) for line in p["train"].read_text(encoding="utf-8").splitlines()]
-    if cfg["trl_data"] == "messages":
+    run = TrlRun(work)
+    if run.cfg["trl_data"] == "messages":
         # TRL renders and tokenizes the chat itself (its collator: chat template on the whole conversation).
-        rows = [{"messages": row["messages"]} for row in rows]
+        rows = [{"messages": row["messages"]} for row in run.rows]
     else:
         # kd's token ids; `messages` stays only because the collator formats the prompt from it before it looks
         # for input_ids (the text is then unused).
-        rows = [{k: row[k] for k in ("input_ids", "completion_mask", "messages")} for row in rows]
-    dataset = Dataset.from_list(rows)
-
-    bf16 = cfg["precision"] == "bf16"
-    tokenizer = AutoTokenizer.from_pretrained(prepared["student_dir"])
-    student = AutoModelForCausalLM.from_pretrained(prepared["student_dir"], dtype=torch.float32)
-    # As kd does: an inference-only teacher holds bf16 weights in a bf16 run; the student keeps fp32 masters.
-    teacher = AutoModelForCausalLM.from_pretrained(
-        prepared["teacher_dir"], dtype=torch.bfloat16 if bf16 else torch.float32
-    )
-
+        rows = [{k: row[k] for k in ("input_ids", "completion_mask", "messages")} for row in run.rows]
     args = GKDConfig(
-        output_dir=str(p["trl_out"] / "trainer"),
+        output_dir=str(run.p["trl_out"] / "trainer"),
         lmbda=0.0,
         beta=0.0,
         temperature=1.0,
         seq_kd=False,
-        max_length=cfg["max_length"],
-        per_device_train_batch_size=cfg["batch_size"],
-        gradient_accumulation_steps=1,
-        max_steps=cfg["steps"],
-        learning_rate=cfg["lr"],
-        max_grad_norm=1.0,
-        # TRL's SFT-derived defaults are bf16 and gradient checkpointing on; kd has neither unless asked.
-        bf16=bf16,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        seed=cfg["seed"],
+        max_length=run.cfg["max_length"],
         train_sampling_strategy="sequential",  # the exported rows already are kd's batches, in kd's order
-        dataloader_num_workers=0,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+        **run.common,
     )
-    # kd's optimizer and schedule, so that only the trainers differ: AdamW without weight decay (torch's default is
-    # 0.01), and the per-step multipliers kd's lr_factor gave in the prepare stage.
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=0.0, foreach=True
-    )
-    factors = prepared["lr_factors"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factors[min(step, len(factors) - 1)])
-
-    class Clock(TrainerCallback):
-        """The training loop's seconds, as kd's run.json counts them: from before the first batch to the last step."""
-
-        started = ended = 0.0
-
-        def on_train_begin(self, *_: Any, **__: Any) -> None:
-            Clock.started = time.perf_counter()
-
-        def on_train_end(self, *_: Any, **__: Any) -> None:
-            Clock.ended = time.perf_counter()
 
     class CountingGKD(GKDTrainer):
-        """GKDTrainer that counts the non-pad tokens it trains on, as kd does (attention_mask.sum() per batch)."""
-
-        tokens_seen = 0
-
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-            CountingGKD.tokens_seen += int(inputs["attention_mask"].sum())
+            run.tokens_seen += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
     trainer = CountingGKD(
-        model=student,
-        teacher_model=teacher,
+        model=run.student,
+        teacher_model=run.teacher,
         args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, scheduler),
-        callbacks=[Clock()],
+        train_dataset=Dataset.from_list(rows),
+        processing_class=run.tokenizer,
+        optimizers=(run.optimizer, run.scheduler),
+        callbacks=[run.clock],
     )
     trainer.train()
-    trainer.save_model(str(p["trl_out"] / "student"))
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    versions = {name: metadata.version(name) for name in ("trl", "transformers", "torch", "accelerate", "datasets")}
-    write_json(
-        p["trl_record"],
-        {
-            "versions": versions,
-            "steps": trainer.state.global_step,
-            "tokens_seen": CountingGKD.tokens_seen,
-            "train_seconds": Clock.ended - Clock.started,
-            "torch_threads": torch.get_num_threads(),
-            "loss": [h["loss"] for h in history],
-            "grad_norm": [h.get("grad_norm") for h in history],
-            "lr": [h.get("learning_rate") for h in history],
-        },
+    run.finish(trainer, run.p["trl_out"], run.p["trl_record"])
+
+
+def split_prompt(row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """kd's tokens of a row as (prompt ids, completion ids, loss mask of the completion): the completion starts at
+    the first labelled position; unlabelled tokens after it (none in a single-turn chat) stay out of the loss."""
+    mask = row["completion_mask"]
+    first = mask.index(1)
+    return row["input_ids"][:first], row["input_ids"][first:], mask[first:]
+
+
+def distillation_stage(work: Path) -> None:
+    """DistillationTrainer (TRL's stable distillation API) on the exported rows. It is on-policy only: it samples the
+    completions from the student. Here its sampling (`_generate`) hands back the data's own responses instead, kd's
+    tokens, so that it trains off-policy on the same batches as kd and GKD; its loss (its chunked generalised JSD
+    from hidden states, beta 0: forward KL), forward, padding and optimizer path are its own."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    run = TrlRun(work)
+    by_index = {row["kd_index"]: split_prompt(row) for row in run.rows}
+    # The prompt column DistillationTrainer requires: the chat's user turn (the ids come from `by_index`).
+    rows = [{"prompt": row["messages"][:1], "kd_index": row["kd_index"]} for row in run.rows]
+    args = DistillationConfig(
+        output_dir=str(run.p["distill_out"] / "trainer"),
+        beta=0.0,
+        temperature=1.0,
+        shuffle_dataset=False,  # the exported rows already are kd's batches, in kd's order
+        max_completion_length=run.cfg["max_length"],
+        **run.common,
     )
+
+    class OnTheData(DistillationTrainer):
+        def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+            self._kd_rows = [by_index[row["kd_index"]] for row in inputs]
+            return super()._generate_and_score_completions(inputs)
+
+        def _generate(self, prompts: list[Any]) -> tuple[Any, ...]:
+            chosen = self._kd_rows
+            run.tokens_seen += sum(len(prompt) + len(completion) for prompt, completion, _ in chosen)
+            masks = [mask for _, _, mask in chosen]
+            loss_masks = None if all(all(mask) for mask in masks) else masks
+            return [r[0] for r in chosen], [r[1] for r in chosen], loss_masks, None, None
+
+    trainer = OnTheData(
+        model=run.student,
+        teacher_model=run.teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=run.tokenizer,
+        optimizers=(run.optimizer, run.scheduler),
+        callbacks=[run.clock],
+    )
+    trainer.train()
+    run.finish(trainer, run.p["distill_out"], run.p["distill_record"])
 
 
 # --- stage 4: score (kd's environment) -----------------------------------------------------------------------
@@ -324,7 +412,12 @@ def score_stage(work: Path) -> None:
     p = paths(work)
     cfg = read_json(p["config"])
     torch.set_num_threads(cfg["threads"])
-    students = {"initial": p["student_init"], "kd": p["kd_run"] / "student", "trl": p["trl_out"] / "student"}
+    students = {
+        "initial": p["student_init"],
+        **{name: p["runs"] / name / "student" for name in KD_VARIANTS},
+        "trl": p["trl_out"] / "student",
+        "distillation": p["distill_out"] / "student",
+    }
     students = {name: path for name, path in students.items() if (path / "config.json").is_file()}
     sets = [
         *recipe_sets(cfg),
@@ -362,7 +455,7 @@ def score_stage(work: Path) -> None:
     write_json(p["scores"], scores)
 
 
-STAGES = {"_prepare": prepare_stage, "_trl": trl_stage, "_score": score_stage}
+STAGES = {"_prepare": prepare_stage, "_trl": trl_stage, "_distillation": distillation_stage, "_score": score_stage}
 
 
 # --- the parent ----------------------------------------------------------------------------------------------
@@ -403,11 +496,12 @@ def run_child(name: str, command: Sequence[str], log: Path, env: dict[str, str],
     return {"peak_rss_mib": usage.ru_maxrss / 1024, "process_seconds": seconds}  # ru_maxrss is KiB on Linux
 
 
-def kd_command(args: argparse.Namespace, cfg: dict[str, Any], work: Path) -> list[str]:
+def kd_command(args: argparse.Namespace, cfg: dict[str, Any], work: Path, name: str) -> list[str]:
     p = paths(work)
     sets = [
         *recipe_sets(cfg),
-        "name=kd",
+        *KD_VARIANTS[name],
+        f"name={name}",
         f"output_dir={p['runs']}",
         "student.init=pretrained",
         f"student.model={p['student_init']}",
@@ -451,8 +545,8 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{ram}"
 
 
-def kd_result(work: Path) -> dict[str, Any]:
-    run = paths(work)["kd_run"]
+def kd_result(work: Path, name: str) -> dict[str, Any]:
+    run = paths(work)["runs"] / name
     record = read_json(run / "run.json")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     losses = [row["loss"] for row in steps if "loss" in row]
@@ -474,13 +568,61 @@ def fused_note(fused_head: bool | None) -> str:
     return ", fused head (no full logits)" if fused_head else ", full logits (fused head off)"
 
 
+def memory_lines(runs: dict[str, Any], prepared: dict[str, Any], precision: str) -> list[str]:
+    """What holds kd's peak, from the parameter counts (the states every trainer here holds alike), and what each
+    of kd's memory options changes, against kd's plain run."""
+    if "kd" not in runs or "teacher_parameters" not in prepared:
+        return []
+    mib, psi = 2**20, prepared["student_parameters"]
+    parts = {
+        f"teacher weights ({precision})": prepared["teacher_parameters"] * (2 if precision == "bf16" else 4),
+        "student weights (fp32)": 4 * psi,
+        "gradients (fp32)": 4 * psi,
+        "AdamW's two moments (fp32)": 8 * psi,
+    }
+    kd = runs["kd"]
+    rest = kd["peak_rss_mib"] - sum(parts.values()) / mib
+    lines = [
+        "",
+        f"What holds kd's peak of {kd['peak_rss_mib']:,.0f} MiB: "
+        + ", ".join(f"{name} {size / mib:,.0f} MiB" for name, size in parts.items())
+        + f", and {rest:,.0f} MiB besides: the student's activations, the fused head's block of logits, Python, "
+        "torch and transformers themselves, and the allocator's slack. Every trainer here holds the four states "
+        "alike. Activation checkpointing takes from the activations, bf16 states from AdamW's moments; the "
+        "tokens/s ratios below come from runs one after the other, not interleaved.",
+    ]
+    speed = kd["tokens_seen"] / kd["train_seconds"]
+    for name, label in (
+        ("kd-ckpt", "`train.activation_checkpointing: true`"),
+        ("kd-bf16-states", "`train.optimizer_states: bf16`"),
+        ("kd-both", "both"),
+    ):
+        if name not in runs:
+            continue
+        run = runs[name]
+        lines.append(
+            f"- {label}: peak {run['peak_rss_mib']:,.0f} MiB ({run['peak_rss_mib'] - kd['peak_rss_mib']:+,.0f} MiB, "
+            f"{run['peak_rss_mib'] / kd['peak_rss_mib']:.2f}× kd's), "
+            f"{(run['tokens_seen'] / run['train_seconds']) / speed:.2f}× kd's tokens/s, loss at the last step "
+            f"{run['loss'][-1]:.4f} against {kd['loss'][-1]:.4f}."
+        )
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     cfg, prepared, scores, versions = results["config"], results["prepared"], results["scores"], results["versions"]
     kd_v, trl_v = versions["kd"], versions.get("trl", {})
     students = scores["students"]
     runs = results["runs"]
     trl_ver = trl_v.get("trl", "?")
-    names = {"kd": f"kd {kd_v.get('kd', '?')}", "trl": f"TRL GKDTrainer {trl_ver}"}
+    names = {
+        "kd": f"kd {kd_v.get('kd', '?')}",
+        "kd-ckpt": "kd, `activation_checkpointing`",
+        "kd-bf16-states": "kd, `optimizer_states: bf16`",
+        "kd-both": "kd, both",
+        "trl": f"TRL GKDTrainer {trl_ver}",
+        "distillation": f"TRL DistillationTrainer {trl_ver}",
+    }
     lines = [
         SECTION,
         "",
@@ -496,7 +638,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Setup: teacher `{cfg['teacher']}` (safetensors, {'bf16' if cfg['precision'] == 'bf16' else 'fp32'}); "
         f"student kd's every-other-layer copy ({prepared['student_layers']} layers, "
-        f"{prepared['student_parameters'] / 1e6:.1f}M parameters), cut once and saved, and both trainers start from "
+        f"{prepared['student_parameters'] / 1e6:.1f}M parameters), cut once and saved, and every trainer starts from "
         f"that folder. Data: `builtin:starter` train, `template: chat`, max_length {cfg['max_length']}, the "
         f"{prepared['stream_examples']} examples of the first {cfg['steps']} batches in kd's seeded order "
         f"({prepared['stream_tokens']:,} non-pad tokens as kd tokenizes them), given to TRL "
@@ -505,14 +647,20 @@ def render(results: dict[str, Any]) -> str:
             if cfg["trl_data"] == "kd-tokens"
             else "as chat `messages` (TRL renders and tokenizes them itself)"
         )
-        + f" and read in order (`train_sampling_strategy: sequential`). Batch {cfg['batch_size']}, grad_accum 1, "
+        + " and read in order (GKD: `train_sampling_strategy: sequential`; DistillationTrainer: "
+        "`shuffle_dataset=False`, its prompt/completion split of kd's token ids at the first labelled token). "
+        f"Batch {cfg['batch_size']}, grad_accum 1, "
         f"{cfg['steps']} steps, AdamW lr {cfg['lr']:g} with kd's {cfg['schedule']} schedule "
         f"({cfg['warmup_steps']} warmup steps; TRL gets the same AdamW and per-step multipliers), max_grad_norm 1, "
         f"{cfg['precision']}, gradient checkpointing off, no eval or checkpoints during training. kd: "
         f"`divergence: fkl`, `kd_ratio: 1`"
         + (fused_note(runs["kd"].get("fused_head")) if "kd" in runs else "")
         + ". GKD: `lmbda=0` (no student sampling), `beta=0` (forward KL(teacher‖student)), `temperature=1`, "
-        "`seq_kd=False`.",
+        "`seq_kd=False`. DistillationTrainer (`trl.DistillationTrainer`, TRL's stable distillation API): `beta=0` "
+        "(forward KL), `temperature=1`; it is on-policy only (it samples the completions from the student), so its "
+        "`_generate` is replaced by one that hands back the data's responses, kd's tokens: its loss (a chunked "
+        "generalised JSD from the hidden states, never the whole logits), forward, padding and optimizer path are "
+        "its own.",
         "",
         "| trainer | tokens/s | peak RSS | train s | process s | loss step 1 → last | eval fkl | eval CE |",
         "|---|---|---|---|---|---|---|---|",
@@ -541,15 +689,18 @@ def render(results: dict[str, Any]) -> str:
         "at `fkl`, `kd_ratio` 1 (token-weighted mean KL(teacher‖student)), eval CE the student's cross-entropy on the "
         "responses. One run each, one after the other.",
     ]
-    if "kd" in runs and "trl" in runs:
-        kd, trl = runs["kd"], runs["trl"]
+    for peer in PEERS:
+        if "kd" not in runs or peer not in runs:
+            continue
+        kd, trl = runs["kd"], runs[peer]
         speed = (kd["tokens_seen"] / kd["train_seconds"]) / (trl["tokens_seen"] / trl["train_seconds"])
         gap = max((abs(a - b) for a, b in zip(kd["loss"], trl["loss"], strict=False)), default=float("nan"))
         lines += [
             "",
-            f"kd against TRL: {speed:.2f}× the tokens/s, {kd['peak_rss_mib'] / trl['peak_rss_mib']:.2f}× the peak RSS. "
-            f"Largest gap between their per-step training losses: {gap:.1e}.",
+            f"kd against {names[peer]}: {speed:.2f}× the tokens/s, {kd['peak_rss_mib'] / trl['peak_rss_mib']:.2f}× "
+            f"the peak RSS. Largest gap between their per-step training losses: {gap:.1e}.",
         ]
+    lines += memory_lines(runs, prepared, cfg["precision"])
     if prepared["uneven_batches"]:
         lines += ["", f"Warning: kd batches {prepared['uneven_batches']} are short; TRL's batches then differ."]
     return "\n".join(lines) + "\n"
@@ -568,7 +719,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example (default 256)")
     parser.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"teacher.model (default {DEFAULT_TEACHER})")
     parser.add_argument("--max-eval-examples", type=int, help="score only the first N eval examples (default all)")
-    parser.add_argument("--trainers", default="kd,trl", help="which trainers, in the order they run (default kd,trl)")
+    parser.add_argument(
+        "--trainers",
+        default=",".join(DEFAULT_TRAINERS),
+        help="which trainers, in the order they run: kd, kd-ckpt (train.activation_checkpointing), kd-bf16-states "
+        "(train.optimizer_states: bf16), kd-both, trl (GKDTrainer), distillation (DistillationTrainer); default "
+        f"{','.join(DEFAULT_TRAINERS)}",
+    )
     parser.add_argument(
         "--trl-data",
         choices=("kd-tokens", "messages"),
@@ -587,7 +744,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not trainers or any(t not in TRAINERS for t in trainers) or len(set(trainers)) != len(trainers):
         parser.error(f"--trainers: a comma list of {', '.join(TRAINERS)}, each once")
     args.trainer_list = trainers
-    if "trl" in trainers and not Path(args.trl_python).exists():
+    if any(t in PEERS for t in trainers) and not Path(args.trl_python).exists():
         parser.error(f"--trl-python {args.trl_python}: no such file; make TRL's venv first (see --help)")
     return args
 
@@ -634,17 +791,19 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     run_child("prepare", [args.kd_python, me, "_prepare", str(work)], logs / "prepare.log", env, REPO)
     runs: dict[str, dict[str, Any]] = {}
     for trainer in args.trainer_list:
-        if trainer == "kd":
-            usage = run_child("kd", kd_command(args, cfg, work), logs / "kd.log", env, REPO)
-            runs["kd"] = {**kd_result(work), **usage}
+        if trainer in KD_VARIANTS:
+            usage = run_child(trainer, kd_command(args, cfg, work, trainer), logs / f"{trainer}.log", env, REPO)
+            runs[trainer] = {**kd_result(work, trainer), **usage}
         else:
-            usage = run_child("trl", [args.trl_python, me, "_trl", str(work)], logs / "trl.log", env, REPO)
-            runs["trl"] = {**read_json(p["trl_record"]), **usage}
+            stage, record = ("_trl", p["trl_record"]) if trainer == "trl" else ("_distillation", p["distill_record"])
+            usage = run_child(trainer, [args.trl_python, me, stage, str(work)], logs / f"{trainer}.log", env, REPO)
+            runs[trainer] = {**read_json(record), **usage}
     load_end = os.getloadavg()[0]
     run_child("score", [args.kd_python, me, "_score", str(work)], logs / "score.log", env, REPO)
     versions = {"kd": kd_versions(args.kd_python)}
-    if "trl" in runs:
-        versions["trl"] = runs["trl"]["versions"]
+    for trainer in PEERS:
+        if trainer in runs:
+            versions["trl"] = runs[trainer]["versions"]
     return {
         "command": " ".join(["python bench/versus_trl.py", *map(shlex.quote, portable_args(sys.argv[1:]))]),
         "date": datetime.date.today().isoformat(),

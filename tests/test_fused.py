@@ -96,6 +96,53 @@ def test_dense_teacher_matches_plain_path(name: str, temperature: float, head: s
     check_same(ref, got)
 
 
+@pytest.mark.parametrize("block_rows", [1, 12])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", NAMES)
+def test_blocks_of_chunks_match_plain_path(
+    name: str, temperature: float, block_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The products run a block of chunks at a time (`sizing.FUSED_BLOCK_ROWS`): one chunk a block, or two chunks of 5
+    rows and a short last block, each chunk's ∂/∂u written over its logits; soft-capping reads them first."""
+    from kdcli.losses import sizing
+
+    monkeypatch.setattr(sizing, "FUSED_BLOCK_ROWS", block_rows)
+    hidden, weight, t_hidden, t_weight, labels = make(8)
+    width = weight.shape[0]
+    kw = {"width": width, "softcap": 2.5}
+    teacher = ProjectedLogits(t_hidden, OutputLayer(t_weight, width=width, dtype=F64))
+    count = int((labels != -100).sum())
+    params = params_for(name, temperature)
+    ref = reference(name, params, hidden, weight, teacher.materialise().detach(), labels, count, kw)
+    got = fused(name, params, hidden, weight, teacher, labels, count, kw)
+    check_same(ref, got)
+
+
+FOLDS = [("fkl", 1.0, True), ("js", 1.0, True), ("fkl", 2.0, False), ("atkd", 1.0, False)]
+
+
+@pytest.mark.parametrize(("name", "temperature", "folded"), FOLDS)
+def test_cross_entropy_comes_from_the_divergence_softmax_at_t1(name: str, temperature: float, folded: bool) -> None:
+    """At T = 1 with one weight for every row the chunk takes the cross-entropy from its own student softmax (no
+    separate pass); at another temperature, or under ATKD's row weights, the fused head takes it itself."""
+    from kdcli.losses import driver
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(len(args) > 6 and args[6] is not None)
+        return driver.dense_chunk(*args, **kwargs)
+
+    hidden, weight, t_hidden, t_weight, labels = make(9)
+    width = weight.shape[0]
+    teacher = ProjectedLogits(t_hidden, OutputLayer(t_weight, width=width, dtype=F64))
+    student = ProjectedLogits(hidden.requires_grad_(True), OutputLayer(weight, width=width, dtype=F64))
+    div = get_loss(name, temperature=temperature, chunk_size=5)
+    div.chunk_fns = (spy, driver.sparse_chunk)
+    fused_objective(div, student, teacher, labels, ce_weight=0.5, kd_weight=0.5).total.backward()
+    assert seen and all(s == folded for s in seen)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_teacher_matches_plain_path(name: str, temperature: float) -> None:

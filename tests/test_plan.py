@@ -148,7 +148,8 @@ def test_logits_chunked_vs_naive() -> None:
 
 
 def test_fused_head_logits_part() -> None:
-    """The fused head holds one chunk (with the fused work), ∂/∂h and the student head's bf16 copy; DeepSpeed rows,
+    """The fused head holds one chunk (with the fused work), a block of projected logits, ∂/∂h and the student head's
+    bf16 copy; DeepSpeed rows,
     `loss.fused: false` and a model type kd does not fuse keep the plain figures."""
     import dataclasses
 
@@ -163,7 +164,9 @@ def test_fused_head_logits_part() -> None:
     lg = plan.rows[0].logits
     rows = sizing.chunk_rows(n, v, "fkl", device_type="cpu", sparse=False, chunk_size=None, fused=True)
     assert rows == get_loss("fkl").chunk_rows(n, v, torch.device("cpu"), torch.float32, False, fused=True)
-    assert lg.fused == rows * v * 4 * (8 + 3) + n * d * 4 + d * v * 2
+    block = sizing.fused_block_rows(n, rows)
+    assert block == sizing.FUSED_BLOCK_ROWS  # B·T = 8 blocks of 1,024
+    assert lg.fused == rows * v * 4 * (8 + 1) + block * v * 2 * 2 + n * d * 4 + d * v * 2
     assert lg.total_chunked == lg.fused <= 0.1 * (lg.common + lg.chunked)
     assert all(r.logits.fused is None for r in plan.rows[1:])  # ZeRO rows: the student trains under DeepSpeed
     assert plan.rows[0].total < plan.rows[1].total
@@ -172,10 +175,10 @@ def test_fused_head_logits_part() -> None:
     assert build_plan(gpt2, gpt2, s).rows[0].logits.fused is None
     # A teacher kd cannot fuse keeps its whole logits beside the fused student.
     mixed = build_plan(gpt2, llama, s).rows[0].logits
-    assert mixed.fused == lg.fused + n * v * 2
-    # fp32: no 16-bit copy of the output weight.
+    assert mixed.fused == lg.fused - block * v * 2 + n * v * 2  # a block of the student's projected logits only
+    # fp32: no 16-bit copy of the output weight, fp32 projected logits.
     fp32 = build_plan(llama, llama, dataclasses.replace(s, precision="fp32")).rows[0].logits
-    assert fp32.fused == rows * v * 4 * 11 + n * d * 4
+    assert fp32.fused == rows * v * 4 * 9 + block * v * 4 * 2 + n * d * 4
 
 
 def test_cache_replaces_teacher_logits() -> None:

@@ -306,6 +306,15 @@ def _student(recipe: Recipe, observer: Observer, teacher: Any) -> torch.nn.Modul
     observer.message(f"Building student ({recipe.student.init})")
     # The student keeps fp32 master weights; bf16 runs it under autocast so small updates are not rounded away.
     student = build_student(recipe.student, recipe.teacher.model, torch.float32, recipe.seed, teacher=teacher)
+    if recipe.train.activation_checkpointing:
+        # Non-reentrant: it needs no input that requires a gradient (a LoRA student's embeddings do not), and the
+        # decoder layers recompute whether the caller runs the whole model or only its decoder (the fused head).
+        # transformers renamed the method (the old name warns); kd allows versions from before the new one.
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.student.lora:  # only the adapters train: the optimizer is built from what requires grad
         return apply_lora(student, recipe.student.lora, recipe.seed)
     return student

@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import sizing
 from .aligned import AlignedTeacher
 from .cross import AlignedDivergence, aligned_chunk
 from .kernel import (
@@ -47,6 +48,15 @@ from .sparse import SparseTeacher
 # ------------------------------------------------------------------------------------------- chunk functions
 
 
+class ChunkOut(NamedTuple):
+    """A chunk function's per-row D, ∂/∂(z_s/T) (None without a gradient), stat sums and, asked for, per-row CE."""
+
+    loss: Tensor
+    grad: Tensor | None
+    stats: dict[str, Tensor]
+    ce: Tensor | None = None
+
+
 def _tempered_log_softmax(x: Tensor, cdtype: torch.dtype, temperature: float) -> tuple[Tensor, Tensor]:
     """(clamped log-softmax, softmax) of x / T in the compute dtype.
 
@@ -68,20 +78,34 @@ def dense_chunk(
     y_rows: Tensor,
     hard: Tensor | None,
     need_grad: bool,
-) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-    """One chunk against dense teacher logits: (per-row D, ∂D/∂(z_s/T) or None, stat sums)."""
+    ce_coef: float | None = None,
+) -> ChunkOut:
+    """One chunk against dense teacher logits: (per-row D, ∂D/∂(z_s/T) or None, stat sums, None).
+
+    With `ce_coef` (only at T = 1, where the student softmax is the cross-entropy's) the chunk also takes each row's
+    cross-entropy −log q_y (the fourth item), and the gradient is that of D + ce_coef · CE: CE's q − onehot(y) folds
+    into the softmax Jacobian's q term, so it costs no pass over the [rows, V] logits of its own."""
     cdtype = compute_dtype(s_rows.dtype)
     logq, q = _tempered_log_softmax(s_rows, cdtype, div.temperature)
     logp, p = _tempered_log_softmax(t_rows, cdtype, div.temperature)
+    ce: Tensor | None = None
+    if ce_coef is not None:
+        y = y_rows.to(torch.int64).unsqueeze(1)
+        ce = logq.gather(1, y).squeeze(1).neg_()  # before the kernel, which may overwrite logq
     target = y_rows.to(torch.int64) if div.needs_target else None
     out = div.kernel(Buckets(p=p, q=q, logp=logp, logq=logq, target=target, hard=hard), need_grad)
     if not need_grad:
-        return out.loss, None, out.stats
+        return ChunkOut(out.loss, None, out.stats, ce)
     assert out.h is not None
     h = out.h
-    # Softmax Jacobian: ∂D/∂x = h − q Σh.
-    grad = h.addcmul_(q, h.sum(dim=-1, keepdim=True), value=-1.0)
-    return out.loss, grad, out.stats
+    # Softmax Jacobian: ∂D/∂x = h − q Σh; with the cross-entropy, + ce_coef · (q − onehot(y)).
+    coef = h.sum(dim=-1, keepdim=True).neg_()
+    if ce_coef is not None:
+        coef.add_(ce_coef)
+    grad = h.addcmul_(q, coef)
+    if ce_coef is not None:
+        grad.scatter_add_(1, y, torch.full_like(y, -ce_coef, dtype=grad.dtype))
+    return ChunkOut(out.loss, grad, out.stats, ce)
 
 
 def sparse_chunk(
@@ -94,7 +118,7 @@ def sparse_chunk(
     y_rows: Tensor,
     hard: Tensor | None,
     need_grad: bool,
-) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+) -> ChunkOut:
     """One chunk against a cached teacher, on buckets [top-K..., label-if-outside, tail] (M = K + 2)."""
     cdtype = compute_dtype(s_rows.dtype)
     neg_inf = float("-inf")
@@ -128,7 +152,7 @@ def sparse_chunk(
     target = torch.where(has.squeeze(1), pos, k) if div.needs_target else None
     out = div.kernel(Buckets(p=p, q=q, logp=logp, logq=logq, target=target, hard=hard, ranked=k), need_grad)
     if not need_grad:
-        return out.loss, None, out.stats
+        return ChunkOut(out.loss, None, out.stats)
     assert out.h is not None
     h = out.h
     coef = h.addcmul_(q, h.sum(dim=-1, keepdim=True), value=-1.0)  # ∂D/∂x for singleton buckets
@@ -137,10 +161,10 @@ def sparse_chunk(
     grad = x.sub_(safe_tail).exp_().mul_(coef[:, k + 1 : k + 2])
     grad.scatter_add_(1, ids, coef[:, :k])
     grad.scatter_add_(1, y, torch.where(has, 0.0, coef[:, k : k + 1]))
-    return out.loss, grad, out.stats
+    return ChunkOut(out.loss, grad, out.stats)
 
 
-ChunkFn = Callable[..., tuple[Tensor, Tensor | None, dict[str, Tensor]]]
+ChunkFn = Callable[..., ChunkOut]
 ChunkFns = tuple[ChunkFn, ChunkFn]  # (dense, sparse)
 
 
@@ -187,7 +211,10 @@ class DivergencePass:
         self.stats: dict[str, float] = {"valid_positions": float(n)}
         denom = float(job.num_valid) if job.num_valid is not None else float(n)
         self.chunk = div.chunk_rows(n, vocab, device, cdtype, self.sparse, fused=fused)
-        self.plan = div.plan(rows, job.teacher, job.labels, vocab, cdtype, denom, self.chunk)
+        # The fused head projects a block of chunks at once (`sizing.fused_block_rows`); a plan that projects the
+        # teacher (ATKD's first pass) takes a block at a time too.
+        self.block = sizing.fused_block_rows(n, self.chunk) if fused else self.chunk
+        self.plan = div.plan(rows, job.teacher, job.labels, vocab, cdtype, denom, self.block)
         self.stats.update(self.plan.stats)
         self.take_y = rows.source(job.labels)
         teacher = job.teacher
@@ -216,20 +243,47 @@ class DivergencePass:
     def chunks(self) -> list[Chunk]:
         return self.rows.chunks(self.chunk)
 
-    def step(self, c: Chunk, s_rows: Tensor, need_grad: bool) -> tuple[Tensor | None, float | Tensor]:
-        """Add the chunk's share of the loss; return ∂D/∂(z/T) of its rows (None without a gradient) and the scale
-        that turns it into ∂loss/∂z (the row weight over T)."""
+    def teacher_rows(self, c: Chunk) -> Tensor | None:
+        """The dense (or projected) teacher's logits of a chunk or block; None for a cache."""
+        return None if self.sparse else self.take_t(c)
+
+    def ce_coef(self, ce_weight: float, kd_weight: float) -> float | None:
+        """Where the cross-entropy can come from this pass's student softmax (T = 1, a dense teacher, one weight for
+        every row): the `ce_coef` that makes a chunk's gradient, scaled by its scale and `kd_weight`, that of
+        kd_weight · D + ce_weight · CE (`ce_weight` per row); else None."""
+        weight = self.plan.weight
+        if self.sparse or self.aligned or self.div.temperature != 1.0 or isinstance(weight, Tensor):
+            return None
+        if not weight * kd_weight > 0:
+            return None
+        return ce_weight / (weight * kd_weight)
+
+    def step(
+        self,
+        c: Chunk,
+        s_rows: Tensor,
+        need_grad: bool,
+        *,
+        t_rows: Tensor | None = None,
+        ce_coef: float | None = None,
+    ) -> tuple[Tensor | None, float | Tensor, Tensor | None]:
+        """Add the chunk's share of the loss; return ∂D/∂(z/T) of its rows (None without a gradient), the scale that
+        turns it into ∂loss/∂z (the row weight over T), and the rows' CE with `ce_coef` (`ce_coef`), else None.
+        `t_rows`: the teacher's rows when the caller has them (a projected block's)."""
         div, plan = self.div, self.plan
         hard = plan.hard[c.lo : c.hi] if plan.hard is not None else None
         y = self.take_y(c)
         if self.sparse:
             ids, lps, lab, tail = (take(c) for take in self.take_sparse)
-            loss_rows, g, st = self.sparse_fn(div, s_rows, ids, lps, lab, tail, y, hard, need_grad)
+            loss_rows, g, st, ce = self.sparse_fn(div, s_rows, ids, lps, lab, tail, y, hard, need_grad)
         elif self.aligned:
             assert isinstance(div, AlignedDivergence)
             loss_rows, g, st = aligned_chunk(div, s_rows, *(take(c) for take in self.take_aligned), need_grad)
+            ce = None  # ce_coef is None for an aligned teacher: the fused head takes the CE in a pass of its own
         else:
-            loss_rows, g, st = self.dense_fn(div, s_rows, self.take_t(c), y, hard, need_grad)
+            t = self.take_t(c) if t_rows is None else t_rows
+            extra = () if ce_coef is None else (ce_coef,)  # the eager and compiled functions alike without it
+            loss_rows, g, st, ce = self.dense_fn(div, s_rows, t, y, hard, need_grad, *extra)
         scale: float | Tensor
         if isinstance(plan.weight, Tensor):
             w = plan.weight[c.lo : c.hi]
@@ -240,7 +294,7 @@ class DivergencePass:
             scale = plan.weight / div.temperature
         for key, val in st.items():
             self.sums[key] = self.sums[key] + val.to(torch.float64) if key in self.sums else val.to(torch.float64)
-        return g, scale
+        return g, scale, ce
 
     def finish(self) -> dict[str, float]:
         """The call's stats, the per-chunk sums averaged over the valid rows."""
@@ -268,7 +322,7 @@ def _run(job: _Job, student: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | 
     chunked = DivergencePass(job, rows, vocab, student.device, cdtype)
     take_s = rows.source(student.detach())
     for c in chunked.chunks():
-        g, scale = chunked.step(c, take_s(c), need_grad)
+        g, scale, _ = chunked.step(c, take_s(c), need_grad)
         if g is not None:
             assert grad is not None
             rows.put(grad, c, g, scale)

@@ -2,18 +2,21 @@
 
 Why: the plain path (`driver.run`) already keeps the loss's workspace to one chunk, but the student's logits, their
 gradient, the fp32 copy cross-entropy takes and the teacher's logits are still whole [B·T, V] tensors; at long
-sequences or a 128k vocabulary they dominate a step's memory. Here, per chunk of valid rows, the student's (and an
-online teacher's) hidden states are projected through their output layer (`projection.OutputLayer`), the chunk's
-cross-entropy and divergence are taken together from those logits, and their gradient goes straight back through
-the projection into the hidden states and the output weight. What stays alive across chunks is ∂/∂h ([B·T, d]) and
-∂/∂W ([V, d]), the gradients autograd would hold anyway.
+sequences or a 128k vocabulary they dominate a step's memory. Here, per block of valid rows, the student's (and an
+online teacher's) hidden states are projected through their output layer (`projection.OutputLayer`); a chunk of the
+block at a time, the cross-entropy and divergence are taken together from those logits and their gradient is
+written over them; the block's gradient then goes back through the projection into the hidden states and the output
+weight. Blocks are large for the products' sake, chunks small for the divergence's workspace
+(`sizing.fused_block_rows`). What stays alive across blocks is ∂/∂h ([B·T, d]) and ∂/∂W ([V, d]), the gradients
+autograd would hold anyway.
 
     total = ce_weight · CE + kd_weight · D,   CE = Σ_valid −log softmax(z)_y / count,   D as `driver.run`
 
 with the weights given by the caller (the engine's objective decides them). The divergence's chunk functions, row
 plan and reduction are the plain driver's (`driver.DivergencePass`), so both paths compute one thing; divergences
 that need a statistic over all positions (ATKD's ranking) get it in the plan's first pass, which projects the
-teacher chunk by chunk too.
+teacher block by block too. At temperature 1 the cross-entropy comes from the divergence's own student softmax
+(`DivergencePass.ce_coef`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from .driver import DivergencePass, _Job, check_inputs, check_num_valid
 from .kernel import ChunkedDivergence, LossConfigError, Rows, Teacher, compute_dtype, logsumexp_rows
 from .projection import OutputLayer, ProjectedLogits, WeightGradient
+from .sizing import fused_block_rows
 
 
 @dataclass
@@ -110,36 +114,56 @@ def _run_fused(
     else:
         if with_kd:
             chunked = DivergencePass(div_job, rows, width, device, cdtype, fused=True)
-            chunks = chunked.chunks()
+            chunk, block = chunked.chunk, chunked.block
         else:
-            chunks = rows.chunks(job.div.chunk_rows(rows.n, width, device, cdtype, sparse=False, fused=True, kd=False))
+            chunk = job.div.chunk_rows(rows.n, width, device, cdtype, sparse=False, fused=True, kd=False)
+            block = fused_block_rows(rows.n, chunk)
         take_h = rows.source(hidden.detach())
         take_y = rows.source(job.labels)
         kept = head.kept_weight()
         weight_sum = WeightGradient(head, grad_w, rows.n) if grad_w is not None else None
         ce_scale = job.ce_weight / count
+        # The cross-entropy from the divergence's own softmax where it can (`DivergencePass.ce_coef`), else its own.
+        ce_coef = chunked.ce_coef(ce_scale, job.kd_weight) if chunked is not None and with_ce else None
         # The products run in the head's dtype exactly as written here, whatever autocast state the caller is in.
         with torch.autocast(device.type, enabled=False):
-            for c in chunks:
-                h = take_h(c)
-                z = head.logits(h, kept)
-                grad_z: Tensor | None = None
-                if with_kd:
-                    assert chunked is not None
-                    g, scale = chunked.step(c, z, need_grad)
-                    if g is not None:
-                        grad_z = g.mul_(scale * job.kd_weight)
-                if with_ce:
-                    ce_rows, ce_grad = _cross_entropy_rows(z, take_y(c), cdtype, need_grad)
-                    ce_total += ce_rows.sum(dtype=torch.float64)
-                    if ce_grad is not None:
-                        grad_z = ce_grad.mul_(ce_scale) if grad_z is None else grad_z.add_(ce_grad, alpha=ce_scale)
-                if grad_z is not None:
+            # A block's logits are projected at once (the products' speed); its chunks (the last one maybe short) are
+            # taken one by one, and each chunk's ∂loss/∂u overwrites its logits, so that the block's products back
+            # into ∂/∂h and ∂/∂W run on one tensor.
+            for b in rows.chunks(block):
+                h = take_h(b)
+                zb = head.logits(h, kept)
+                tb = chunked.teacher_rows(b) if chunked is not None else None
+                has_grad = False
+                for c in rows.split(b, chunk):
+                    z = zb[c.lo - b.lo : c.hi - b.lo]
+                    # ∂loss/∂z is factor · grad_z (the factor is applied as it is written over z)
+                    grad_z: Tensor | None = None
+                    factor: float | Tensor = 1.0
+                    if chunked is not None:
+                        t = tb[c.lo - b.lo : c.hi - b.lo] if tb is not None else None
+                        g, scale, ce_rows = chunked.step(c, z, need_grad, t_rows=t, ce_coef=ce_coef)
+                        if ce_rows is not None:
+                            ce_total += ce_rows.sum(dtype=torch.float64)
+                        if g is not None:
+                            grad_z, factor = g, scale * job.kd_weight
+                    if with_ce and ce_coef is None:
+                        ce_rows, ce_grad = _cross_entropy_rows(z, take_y(c), cdtype, need_grad)
+                        ce_total += ce_rows.sum(dtype=torch.float64)
+                        if ce_grad is not None:
+                            if grad_z is None:
+                                grad_z, factor = ce_grad, ce_scale
+                            else:
+                                grad_z = grad_z.mul_(factor).add_(ce_grad, alpha=ce_scale)
+                                factor = 1.0
+                    if grad_z is not None:
+                        head.backward_into(grad_z, z, factor)
+                        has_grad = True
+                if has_grad:
                     assert grad_h is not None
-                    grad_u = head.backward(grad_z, z, kept)
-                    rows.put(grad_h, c, grad_u @ kept, 1.0)
+                    rows.put(grad_h, b, zb @ kept, 1.0)
                     if weight_sum is not None:
-                        weight_sum.add(grad_u, h)
+                        weight_sum.add(zb, h)
             if weight_sum is not None:
                 weight_sum.flush()
         if chunked is not None:

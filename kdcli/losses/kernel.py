@@ -213,6 +213,14 @@ class Rows:
         ]
         return aligned if len(aligned) <= len(plain) + len(plain) // 4 + 1 else plain
 
+    @staticmethod
+    def split(block: Chunk, size: int) -> list[Chunk]:
+        """The chunks of `size` rows of a chunk `block` (the fused head's chunks of one projected block)."""
+        return [
+            Chunk(lo, min(block.hi, lo + size), None if block.start is None else block.start + lo - block.lo)
+            for lo in range(block.lo, block.hi, size)
+        ]
+
     def whole(self) -> Chunk:
         return Chunk(0, self.n, None)
 

@@ -53,16 +53,15 @@ class OutputLayer:
             z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
-    def backward(self, grad_z: Tensor, z: Tensor, kept: Tensor) -> Tensor:
-        """∂loss/∂u of the rows before the product (u = h W[:width]ᵀ), in the product dtype, from ∂loss/∂z in the
-        compute dtype (overwritten): back through the soft-cap and the scale. ∂/∂h is then `u_grad @ kept`, and
-        ∂/∂W[:width] the sum over rows of `u_grad[row]ᵀ h[row]` (`WeightGradient`)."""
+    def backward_into(self, grad_z: Tensor, z: Tensor, factor: float | Tensor = 1.0) -> None:
+        """∂loss/∂u of the rows before the product (u = h W[:width]ᵀ) written over their logits `z` (in the product
+        dtype), from `factor` · `grad_z`, ∂loss/∂z in the compute dtype (overwritten): back through the soft-cap and
+        the scale, the factor, the scale and the cast in one pass. ∂/∂h is then `u_grad @ kept`, and ∂/∂W[:width]
+        the sum over rows of `u_grad[row]ᵀ h[row]` (`WeightGradient`)."""
         if self.softcap is not None:
-            # d/du c·tanh(u/c) = 1 − tanh² = 1 − (z/c)²
+            # d/du c·tanh(u/c) = 1 − tanh² = 1 − (z/c)², read from z before it is overwritten
             grad_z.mul_(1.0 - (z.to(grad_z.dtype) / self.softcap).square_())
-        if self.scale != 1.0:
-            grad_z.mul_(self.scale)
-        return grad_z.to(self.dtype)
+        torch.mul(grad_z, factor * self.scale if self.scale != 1.0 else factor, out=z)
 
 
 # Rows of ∂/∂u buffered before one product adds them into ∂/∂W: at most this many bytes of them.
@@ -72,9 +71,10 @@ WEIGHT_GRADIENT_GROUP_BYTES = 64 * 2**20
 class WeightGradient:
     """∂/∂W[:width] = Σ_rows ∂u_rowᵀ h_row, accumulated in `grad` ([V_out, d], float32 or float64).
 
-    Rows are buffered and multiplied a group at a time: one product per chunk would have an inner dimension of
-    a chunk's few dozen rows (slow), and adding its [V, d] result into the float32 buffer every chunk costs more
-    than the product itself. A group holds up to WEIGHT_GRADIENT_GROUP_BYTES of rows; `flush` adds the rest.
+    Rows are buffered and multiplied a group at a time: one product per few dozen rows would be slow, and adding
+    its [V, d] result into the float32 buffer each time costs more than the product itself. A group holds up to
+    WEIGHT_GRADIENT_GROUP_BYTES of rows; rows given a group's worth at once (the fused head's blocks) go straight
+    into one product; `flush` adds the rest.
     """
 
     def __init__(self, head: OutputLayer, grad: Tensor, rows: int) -> None:
@@ -87,6 +87,9 @@ class WeightGradient:
 
     def add(self, grad_u: Tensor, hidden_rows: Tensor) -> None:
         size, lo = self.u.shape[0], 0
+        if not self.fill and grad_u.shape[0] >= size:  # a group's worth already: no copy into the buffer
+            self._product(grad_u, hidden_rows)
+            return
         while lo < grad_u.shape[0]:
             take = min(size - self.fill, grad_u.shape[0] - lo)
             self.u[self.fill : self.fill + take] = grad_u[lo : lo + take]
@@ -99,13 +102,15 @@ class WeightGradient:
     def flush(self) -> None:
         if not self.fill:
             return
-        u, h = self.u[: self.fill], self.h[: self.fill]
+        self._product(self.u[: self.fill], self.h[: self.fill])
+        self.fill = 0
+
+    def _product(self, u: Tensor, h: Tensor) -> None:
         kept = self.grad[: self.head.width]
         if kept.dtype == u.dtype:
-            kept.addmm_(u.t(), h)
+            kept.addmm_(u.t(), h.to(u.dtype))
         else:  # a 16-bit product, accumulated in the gradient's precision
-            kept.add_(u.t() @ h)
-        self.fill = 0
+            kept.add_(u.t() @ h.to(u.dtype))
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,16 @@ DENSE_WORK: Mapping[str, int] = MappingProxyType(
 )  # uld and hybrid against a teacher of another tokenizer: the student's row, its softmax and their temporaries
 # The same against a cached teacher (buckets {top-K, label, tail}: the student's row and its gradient dominate).
 SPARSE_WORK = 4
-# What the fused head adds per chunk (`kdcli.losses.fused`): the student's projected logits, the teacher's (dense
-# only) and the cross-entropy's softmax-minus-one-hot.
-FUSED_EXTRA_WORK = 3
+# What the fused head adds per chunk (`kdcli.losses.fused`): the cross-entropy's softmax-minus-one-hot, where it is
+# not taken from the divergence's own softmax (a temperature other than 1, a cached teacher, ATKD's row weights).
+FUSED_EXTRA_WORK = 1
+# Rows the fused head projects at once (its block), whatever the divergence's chunk: the output-layer products
+# [rows, d] x [d, V] and back run at a fraction of a CPU's speed below a few hundred rows (2 cores, V = 49,152,
+# d = 576: 41 GFLOP/s at 64 rows, 58 at 256, 73 at 1,024; V = 128,256, d = 2,048: 32, 66 and 81), and ∂/∂W's
+# product, whose inner dimension is the block's rows, reads and writes the whole [V, d] gradient once a block. A
+# block of 1,024 is what Liger-Kernel's fused losses take as one chunk; its projected logits (the student's and an
+# online teacher's) live while its chunks are taken (docs/benchmarks.md, Side by side with Liger-Kernel).
+FUSED_BLOCK_ROWS = 1024
 
 
 def chunk_budget(device_type: str) -> int:
@@ -47,6 +54,15 @@ def work(divergence: str, sparse: bool, fused: bool = False, kd: bool = True) ->
     teacher row, so its working set is that of a cached teacher's chunk whatever the teacher."""
     base = SPARSE_WORK if sparse or not kd else dense_work(divergence)
     return base + (FUSED_EXTRA_WORK if fused else 0)
+
+
+def fused_block_rows(rows: int, chunk: int) -> int:
+    """Rows the fused head projects at once for `rows` valid rows taken `chunk` rows at a time: at most
+    max(FUSED_BLOCK_ROWS, chunk), the rows shared evenly between the blocks (no short last block, whose products
+    would run slowly)."""
+    most = max(FUSED_BLOCK_ROWS, chunk)
+    blocks = -(-rows // most)
+    return -(-rows // blocks) if rows else most
 
 
 def chunk_rows(

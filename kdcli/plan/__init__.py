@@ -114,6 +114,8 @@ def recipe_settings(recipe: Recipe, *, world_size: int, device: Device, memory: 
         offload_param=bool(getattr(ds, "offload_param", False)),
         teacher_zero3=bool(getattr(ds, "teacher_zero3", False)),
         cache_k=_cache_k(recipe),
+        activation_checkpointing=bool(getattr(train, "activation_checkpointing", False)),
+        optimizer_state_bytes=2 if getattr(train, "optimizer_states", "fp32") == "bf16" else 4,
         sampled_tokens=_sampled_tokens(recipe),
         fused=getattr(recipe.loss, "fused", False),
     )

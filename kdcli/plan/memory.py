@@ -58,6 +58,7 @@ class Settings:
     teacher_zero3: bool = False
     cache_k: int | None = None  # top-K of a teacher cache; None = the teacher runs online
     activation_checkpointing: bool = False
+    optimizer_state_bytes: int = 4  # per AdamW moment and trained parameter: 4 (fp32), 2 (`optimizer_states: bf16`)
     sampled_tokens: int = 0  # on-policy: tokens the student samples per prompt at most (0: no sampling)
     fused: bool | str = "auto"  # `loss.fused`
 
@@ -81,8 +82,9 @@ class States:
         return self.params + self.grads + self.optimizer
 
 
-def plain_states(psi: int, precision: str, trainable: int | None = None) -> States:
-    """kd's own single-process engine: fp32 master weights, fp32 gradients, AdamW m and v (fp32).
+def plain_states(psi: int, precision: str, trainable: int | None = None, state_bytes: int = 4) -> States:
+    """kd's own single-process engine: fp32 master weights, fp32 gradients, AdamW m and v (`state_bytes` each: 4,
+    or 2 with `train.optimizer_states: bf16`).
 
     Under bf16 autocast every op casts its fp32 weight to bf16 and keeps that copy for backward: 2 B/param more.
     (The foreach AdamW step also allocates a 4 B/param temporary, but only when activations are already freed.)
@@ -90,7 +92,7 @@ def plain_states(psi: int, precision: str, trainable: int | None = None) -> Stat
     """
     params = 4 * psi + (2 * psi if precision == "bf16" else 0)
     t = psi if trainable is None else trainable
-    return States(params=params, grads=4 * t, optimizer=8 * t)
+    return States(params=params, grads=4 * t, optimizer=2 * state_bytes * t)
 
 
 def zero_states(
@@ -181,9 +183,9 @@ class Logits:
     naive: int  # divergence workspace of a naive dense implementation
     chunked: int  # divergence workspace of kd's chunked loss: one chunk
     chunk_rows: int
-    # The fused head (`loss.fused`): what the logits part holds instead of all the above, i.e. one chunk (student,
-    # teacher and CE logits with the divergence's work), ∂/∂h and the 16-bit copies of the output weights; plus the
-    # teacher's whole logits where only the student is fused. None: the plain path.
+    # The fused head (`loss.fused`): what the logits part holds instead of all the above, i.e. one chunk, one block
+    # of projected logits, ∂/∂h and the 16-bit copies of the output weights; plus the teacher's whole logits where
+    # only the student is fused. None: the plain path.
     fused: int | None = None
     fused_chunk_rows: int = 0
 
@@ -229,8 +231,10 @@ def logits_memory(
             n, vocab, s.divergence, device_type=s.device, sparse=sparse, chunk_size=s.chunk_size, fused=True, kd=uses_kd
         )
         teacher_fused = teacher is not None and not sparse and uses_kd
+        block = sizing.fused_block_rows(n, fused_rows)
         fused = (
             fused_rows * vocab * 4 * sizing.work(s.divergence, sparse, fused=True, kd=uses_kd)
+            + block * vocab * elem * (2 if teacher_fused else 1)  # the student's and a fused teacher's
             + n * student.hidden * 4  # ∂/∂h, fp32 like the residual stream
             # bf16 products need a 16-bit copy of the student's fp32 output weight (the teacher's is bf16 already)
             + (student.hidden * vocab * 2 if s.precision == "bf16" else 0)
@@ -341,7 +345,7 @@ def build_plan(teacher: ModelShape, student: ModelShape, s: Settings) -> Plan:
         Row(
             label="kd 1-proc",
             stage=None,
-            states=plain_states(student.params, s.precision, student.trainable),
+            states=plain_states(student.params, s.precision, student.trainable, s.optimizer_state_bytes),
             activations=student_activations(student, s.tokens, plain_mode, s.activation_checkpointing),
             teacher=teacher_memory(teacher, s),
             logits=logits,

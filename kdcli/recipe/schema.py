@@ -179,6 +179,22 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    activation_checkpointing: bool = Field(
+        False,
+        description=(
+            "Keep only each student layer's input through the forward and recompute the layer during backward "
+            "(Hugging Face gradient checkpointing, non-reentrant): the student's activations shrink to about one "
+            "layer's, for about one more student forward per step. The losses are the same. `kd plan` counts it."
+        ),
+    )
+    optimizer_states: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "What AdamW stores its two moment estimates in: `fp32`, or `bf16` (4 of AdamW's 8 bytes per trained "
+            "parameter saved; written back with stochastic rounding, so that the second moment still decays). The "
+            "update is computed in fp32 either way. Plain PyTorch only: under `deepspeed:` ZeRO keeps its own."
+        ),
+    )
     device: str = Field(
         "auto",
         description=(
@@ -312,6 +328,19 @@ class Recipe(Section):
         if on_policy.schedule == "adaptive" and no_evals:
             raise ValueError("schedule: adaptive follows the eval loss; set train.eval_every and data.eval")
         return on_policy
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_keeps_its_own_states(
+        cls, deepspeed: DeepSpeedConfig | None, info: ValidationInfo
+    ) -> DeepSpeedConfig | None:
+        train = info.data.get("train")
+        if deepspeed is not None and train is not None and train.optimizer_states != "fp32":
+            raise ValueError(
+                f"train.optimizer_states: {train.optimizer_states} is kd's own AdamW, and under deepspeed: ZeRO "
+                "builds and keeps the optimizer states itself; drop one of them"
+            )
+        return deepspeed
 
     @field_validator("loss")
     @classmethod
