@@ -125,20 +125,20 @@ FOLDS = [("fkl", 1.0, True), ("js", 1.0, True), ("fkl", 2.0, False), ("atkd", 1.
 def test_cross_entropy_comes_from_the_divergence_softmax_at_t1(name: str, temperature: float, folded: bool) -> None:
     """At T = 1 with one weight for every row the chunk takes the cross-entropy from its own student softmax (no
     separate pass); at another temperature, or under ATKD's row weights, the fused head takes it itself."""
-    from kdcli.losses import driver
+    from kdcli.losses import chunks
 
     seen = []
 
     def spy(*args, **kwargs):
         seen.append(len(args) > 6 and args[6] is not None)
-        return driver.dense_chunk(*args, **kwargs)
+        return chunks.dense_chunk(*args, **kwargs)
 
     hidden, weight, t_hidden, t_weight, labels = make(9)
     width = weight.shape[0]
     teacher = ProjectedLogits(t_hidden, OutputLayer(t_weight, width=width, dtype=F64))
     student = ProjectedLogits(hidden.requires_grad_(True), OutputLayer(weight, width=width, dtype=F64))
     div = get_loss(name, temperature=temperature, chunk_size=5)
-    div.chunk_fns = (spy, driver.sparse_chunk)
+    div.chunk_fns = (spy, chunks.sparse_chunk)
     fused_objective(div, student, teacher, labels, ce_weight=0.5, kd_weight=0.5).total.backward()
     assert seen and all(s == folded for s in seen)
 

@@ -44,7 +44,7 @@ from .sparse import IGNORE_INDEX, SparseTeacher
 Teacher = Tensor | ProjectedLogits | SparseTeacher | AlignedTeacher
 
 if TYPE_CHECKING:
-    from .driver import ChunkFns
+    from .chunks import ChunkFns
 
 
 class LossConfigError(KdError, ValueError):
@@ -339,7 +339,7 @@ class ChunkedDivergence:
 
     def compile(self, **compile_kwargs: Any) -> ChunkedDivergence:
         """Wrap the per-chunk dense and sparse functions in torch.compile (meant for CUDA); returns self."""
-        from .driver import compile_chunk_fns  # the driver imports this module: import it at call time
+        from .chunks import compile_chunk_fns  # the chunk functions import this module: import it at call time
 
         self.chunk_fns = compile_chunk_fns(**compile_kwargs)
         return self
