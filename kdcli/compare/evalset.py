@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdcli.compare.multiple import DEFAULT_ADJUSTMENT, adjust_p_values
+from kdcli.compare.multiple import DEFAULT_ADJUSTMENT, adjust_table
 from kdcli.compare.per_example import pass_statistics
 from kdcli.compare.ranking import HIGHER, NONE, as_number, best_runs
 from kdcli.compare.references import REFERENCE_PASS, mark_below_references, reference_sources
@@ -28,7 +28,7 @@ from kdcli.compare.stats import (
     arm_bootstrap,
     observed,
 )
-from kdcli.compare.student_t import ALPHA, mean_ci
+from kdcli.compare.student_t import mean_ci
 
 # (key, title, better direction, format). Length has no better direction: shorter is not better, nor longer.
 EVAL_METRICS = (
@@ -213,7 +213,7 @@ def compare_set(
                 )
     if statistics is not None and baseline in entries:
         _test_against_baseline(result, draws, baseline)
-        _adjust_for_the_table(result)
+        adjust_table(result)
     elif baseline not in entries and len(have) > 1:
         result.notes.append(f"{set_name}: the baseline {baseline} has no {mode} eval on it, so no deltas are given.")
     if result.references:
@@ -400,19 +400,6 @@ def _test_against_baseline(result: SetComparison, draws: Draws, baseline: str) -
                 cell.delta, cell.delta_ci95 = test.delta, test.ci95
                 cell.p_value = cell.p_adjusted = test.p_value
                 cell.significant = test.significant
-
-
-def _adjust_for_the_table(result: SetComparison) -> None:
-    """Adjust every p-value the table shows for how many it shows (`--adjust`); a star is then p_adjusted < 0.05."""
-    cells = [
-        cell for row in result.rows for cell in row.cells.values() if cell is not None and cell.p_value is not None
-    ]
-    tested = [cell.p_value for cell in cells if cell.p_value is not None]
-    adjusted = adjust_p_values(tested, result.adjust)
-    result.tests = sum(1 for p in tested if not math.isnan(p))
-    for cell, p_adjusted in zip(cells, adjusted, strict=True):
-        cell.p_adjusted = p_adjusted
-        cell.significant = p_adjusted < ALPHA  # False for NaN: nothing was tested
 
 
 def _note_settings(result: SetComparison, entries: dict[str, dict[str, Any]]) -> None:

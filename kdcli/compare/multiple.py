@@ -18,6 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kdcli.compare.student_t import ALPHA
+
+if TYPE_CHECKING:
+    from kdcli.compare.evalset import SetComparison
 
 ADJUSTMENTS = ("holm", "bonferroni", "none")
 DEFAULT_ADJUSTMENT = "holm"
@@ -41,3 +47,16 @@ def adjust_p_values(p_values: Sequence[float], method: str = DEFAULT_ADJUSTMENT)
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         out[i] = running
     return out
+
+
+def adjust_table(result: SetComparison) -> None:
+    """Adjust every p-value a table shows for how many it shows (`result.adjust`); a star is then p_adjusted < 0.05."""
+    cells = [
+        cell for row in result.rows for cell in row.cells.values() if cell is not None and cell.p_value is not None
+    ]
+    tested = [cell.p_value for cell in cells if cell.p_value is not None]
+    adjusted = adjust_p_values(tested, result.adjust)
+    result.tests = sum(1 for p in tested if not math.isnan(p))
+    for cell, p_adjusted in zip(cells, adjusted, strict=True):
+        cell.p_adjusted = p_adjusted
+        cell.significant = p_adjusted < ALPHA  # False for NaN: nothing was tested
