@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.errors import KdError
+from kdcli.sizes import format_bytes
 
 # Writers that do their own I/O (torch's zip writer, safetensors' Rust one) report a full disk in their own words.
 _NO_SPACE = re.compile(r"no space left|os error 28|storagefull|disk quota exceeded", re.IGNORECASE)
@@ -145,14 +146,6 @@ def free_bytes(path: Path) -> int | None:
                 return shutil.disk_usage(folder).free
             return None
     return None
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
 
 
 def tree_bytes(root: Path) -> int:

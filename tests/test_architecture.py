@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdcli"
 # Lower numbers are lower layers. A package may import only from strictly lower layers (its own modules aside).
 LAYERS = {
     "errors": 0,
+    "sizes": 0,
     "durable": 1,
     "hardware": 1,
     "hub": 1,

@@ -126,7 +126,7 @@ def assert_one_error_line(output: str, path: Path, then: str) -> str:
     assert len(errors) == 1, output
     line = " ".join(output[output.index("error:") :].split())  # rich wraps long lines; read it as one
     assert f"no space left on device writing {path} (needs ~" in line, line
-    assert re.search(r"needs ~[\d.]+ [KMG]?B, [\d.]+ [KMG]?B free\)", line), line
+    assert re.search(r"needs ~[\d.]+ (?:[KMGT]iB|B), [\d.]+ (?:[KMGT]iB|B) free\)", line), line
     assert then in line, line
     return line
 
@@ -393,7 +393,7 @@ def test_disk_errors_translates_only_write_failures(tmp_path: Path) -> None:
     from kdcli.durable import DiskFull, disk_errors
 
     target = tmp_path / "out.bin"
-    denied = r"could not write .*out\.bin: Permission denied \(needs ~2\.0 KB, .* free\)\. Fix that, then run"
+    denied = r"could not write .*out\.bin: Permission denied \(needs ~1\.95 KiB, .* free\)\. Fix that, then run"
     with pytest.raises(DiskFull, match=denied), disk_errors(target, 2000):
         raise PermissionError(errno.EACCES, "Permission denied")
     with pytest.raises(ValueError), disk_errors(target, 10):

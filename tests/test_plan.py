@@ -15,12 +15,12 @@ from kdcli.plan.memory import (
     chunk_rows,
     deepspeed_estimate,
     logits_memory,
-    parse_size,
     plain_states,
     student_activations,
     zero_states,
 )
 from kdcli.recipe import load_recipe, validate_recipe
+from kdcli.sizes import parse_size
 
 GiB = 2**30
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from kdcli.errors import KdError
 from kdcli.plan.configs import ModelShape, count_params, model_config, model_shape, recipe_shapes, student_config
-from kdcli.plan.memory import DEFAULT_CACHE_K, Device, Plan, Settings, build_plan, format_bytes, parse_size
+from kdcli.plan.memory import DEFAULT_CACHE_K, Device, Plan, Settings, build_plan
+from kdcli.sizes import format_bytes, parse_size
 
 if TYPE_CHECKING:
     from kdcli.recipe import Recipe

@@ -7,7 +7,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from kdcli.plan.memory import Plan, Row, cache_bytes_per_token, format_bytes
+from kdcli.plan.memory import Plan, Row, cache_bytes_per_token
+from kdcli.sizes import format_bytes
 
 OK, NO = "[green]✓[/green]", "[bold red]✗[/bold red]"
 
