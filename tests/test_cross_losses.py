@@ -220,12 +220,14 @@ class LargestTensors(TorchDispatchMode):
 def test_memory_stays_bounded_by_the_chunk(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A float32 student: no float64 tensor as long as one vocabulary row, on either path; on the fused head no tensor
     of more than two chunks of logits, forward and backward (the [tokens, V] logits never exist). The weight
-    gradient's row buffer, bounded in bytes (64 MiB), is set to one chunk's rows here so that it cannot hide one."""
-    from kdcli.losses import projection
+    gradient's row buffer, bounded in bytes (64 MiB), is set to one chunk's rows here so that it cannot hide one,
+    and the fused head's block (1,024 rows, more than this test's tokens) to two chunks."""
+    from kdcli.losses import projection, sizing
 
     g = torch.Generator().manual_seed(6)
     n_tokens, vs, vt, hidden_size, chunk, k = 64, 1024, 1500, 8, 8, 16
     monkeypatch.setattr(projection, "WEIGHT_GRADIENT_GROUP_BYTES", chunk * vs * 4)
+    monkeypatch.setattr(sizing, "FUSED_BLOCK_ROWS", 2 * chunk)
     zt = torch.randn(n_tokens + 5, vt, generator=g)
     records = SparseTeacher.from_logits(zt, torch.zeros(n_tokens + 5, dtype=torch.long), k, 1.0)
     pair = torch.randperm(n_tokens + 5, generator=g)[:n_tokens].view(2, -1)

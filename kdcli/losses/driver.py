@@ -113,8 +113,9 @@ class DivergencePass:
         return self.rows.chunks(self.chunk)
 
     def teacher_rows(self, c: Chunk) -> Tensor | None:
-        """The dense (or projected) teacher's logits of a chunk or block; None for a cache."""
-        return None if self.sparse else self.take_t(c)
+        """The dense (or projected) teacher's logits of a chunk or block; None for a cache or an aligned teacher,
+        whose chunks read their own records."""
+        return None if self.sparse or self.aligned else self.take_t(c)
 
     def ce_coef(self, ce_weight: float, kd_weight: float) -> float | None:
         """Where the cross-entropy can come from this pass's student softmax (T = 1, a dense teacher, one weight for
