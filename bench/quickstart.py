@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,8 +172,6 @@ def main() -> None:
         print(section)
         if not args.no_docs and not args.set:
             write_section(args.docs, section)
-        if args.keep:
-            shutil.copy(work / "compare.md", args.keep / "compare.md")
 
 
 def render(
@@ -209,7 +206,7 @@ def render(
         lines.append(
             f"| {title} | {wall_time(runs[name]['wall_s'])} | {record['steps']} | {before:.2f} → {after:.2f} | "
             f"{stop.get('mean', float('nan')):.2f} | {cell['mean']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
-            + (" (not above frequent words)" if cell.get("not_above") else "")
+            + (" (not above frequent words)" if FREQUENT_WORDS in (cell.get("not_above") or []) else "")
             + f" | {cell.get('delta', float('nan')):+.2f} [{delta[0]:+.2f}, {delta[1]:+.2f}] | {words} |"
         )
     for label, title in (("undistilled", "undistilled student (no training)"), ("teacher", "teacher")):
