@@ -84,11 +84,11 @@ def distill(name: str, sets: list[str], work: Path, env: dict[str, str]) -> dict
     return {"wall_s": timings[name], "record": json.loads(record_file.read_text(encoding="utf-8"))}
 
 
-def retime(sets: list[str], work: Path, env: dict[str, str], record: dict[str, Any]) -> float:
+def retime(sets: list[str], work: Path, env: dict[str, str], record: dict[str, Any], scratch: Path) -> float:
     """Time the quickstart again, as a fresh first run (scores not stored), into a folder of its own, and check that
     it trained the same student (its eval CE equal to the evaluated run's): on a machine that was busy while the
     evaluated run trained, this is the wall time to quote. Recorded in timings.json as the quickstart's."""
-    timed = distill("quickstart-retimed", sets, work, {**env, "KD_HOME": str(private_home(Path(tempfile.mkdtemp())))})
+    timed = distill("quickstart-retimed", sets, work, {**env, "KD_HOME": str(private_home(scratch))})
     ours, theirs = record["eval_after"]["eval_ce"], timed["record"]["eval_after"]["eval_ce"]
     if abs(ours - theirs) > 1e-6:
         raise SystemExit(f"the retimed run ended at eval CE {theirs}, the evaluated one at {ours}: not the same run")
@@ -150,7 +150,7 @@ def main() -> None:
         env["KD_HOME"] = str(private_home(Path(tmp)))
         runs = {"new": distill("quickstart", args.set, work, env)}
         if args.retime:
-            runs["new"]["wall_s"] = retime(args.set, work, env, runs["new"]["record"])
+            runs["new"]["wall_s"] = retime(args.set, work, env, runs["new"]["record"], Path(tmp) / "retime")
         if args.old:
             runs["old"] = distill("quickstart-old", OLD, work, env)
         for name in runs:

@@ -171,7 +171,8 @@ def epoch_batches(
     steps: list[list[int]] = []
     for lo in range(0, count, span):
         steps += _cut(sorted(order[lo : lo + span], key=lambda i: lengths[i], reverse=True), window)
-    full = len(steps) - (len(steps[-1]) < window if steps else 0)
+    short = 1 if steps and len(steps[-1]) < window else 0  # only the epoch's last step can be short
+    full = len(steps) - short
     shuffled = [steps[k] for k in torch.randperm(full, generator=generator).tolist()] + steps[full:]
     return [batch for step in shuffled for batch in _cut(step, batch_size)]
 

@@ -122,9 +122,8 @@ class DivergencePass:
         every row): the `ce_coef` that makes a chunk's gradient, scaled by its scale and `kd_weight`, that of
         kd_weight · D + ce_weight · CE (`ce_weight` per row); else None."""
         weight = self.plan.weight
-        if self.sparse or self.aligned or self.div.temperature != 1.0 or isinstance(weight, Tensor):
-            return None
-        if not weight * kd_weight > 0:
+        dense = not (self.sparse or self.aligned)
+        if not dense or self.div.temperature != 1.0 or isinstance(weight, Tensor) or not weight * kd_weight > 0:
             return None
         return ce_weight / (weight * kd_weight)
 
