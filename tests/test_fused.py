@@ -265,3 +265,57 @@ def test_weight_gradient_groups_of_any_size(group_rows: int, monkeypatch: pytest
     ref = reference("srkl", params, hidden, weight, teacher.materialise().detach(), labels, count, kw)
     got = fused("srkl", params, hidden, weight, teacher, labels, count, kw)
     check_same(ref, got)
+
+
+# A child that builds a fused head's inputs (fp32: 4 blocks of 1,024 rows, V 16,384, chunks of 32 rows) and, with
+# "call", runs fused_objective forward and backward once. Its peak is read by the parent (os.wait4).
+_PEAK_CHILD = """
+import sys, torch
+from kdcli.losses import get_loss
+from kdcli.losses.fused import fused_objective
+from kdcli.losses.projection import OutputLayer, ProjectedLogits
+torch.set_num_threads(1)
+rows, d, v, chunk = {rows}, {d}, {v}, {chunk}
+g = torch.Generator().manual_seed(0)
+h = torch.randn(rows, d, generator=g, requires_grad=True)
+w = torch.randn(v, d, generator=g, requires_grad=True)
+ht, wt = torch.randn(rows, d, generator=g), torch.randn(v, d, generator=g)
+y = torch.randint(0, v, (rows,), generator=g)
+if sys.argv[1] == "call":
+    student = ProjectedLogits(h, OutputLayer(w, v, torch.float32))
+    teacher = ProjectedLogits(ht, OutputLayer(wt, v, torch.float32))
+    div = get_loss("fkl", chunk_size=chunk)
+    fused_objective(div, student, teacher, y, ce_weight=0.5, kd_weight=0.5).total.backward()
+    assert h.grad is not None and w.grad is not None
+"""
+
+
+def _child_peak_mib(script: str, mode: str) -> float:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", script, mode], cwd=Path(__file__).resolve().parent.parent, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)  # reaps the child: its own peak, measured from outside
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, f"the {mode} child failed"
+    return usage.ru_maxrss / 1024
+
+
+def test_fused_head_holds_one_block_of_logits_at_a_time() -> None:
+    """Measured from outside the process: the fused head's peak above its inputs is one block of the student's and
+    the teacher's logits, one chunk's workspace and the weight gradient, not two blocks (the loop once held the
+    last block's logits while it projected the next: +128 MiB here)."""
+    from kdcli.losses import sizing
+
+    rows, d, v, chunk = 4 * sizing.FUSED_BLOCK_ROWS, 32, 16384, 32
+    script = _PEAK_CHILD.format(rows=rows, d=d, v=v, chunk=chunk)
+    extra = _child_peak_mib(script, "call") - _child_peak_mib(script, "inputs")
+    mib = 2**20
+    block = 2 * sizing.FUSED_BLOCK_ROWS * v * 4 / mib  # the student's and the teacher's logits, fp32
+    chunk_work = chunk * v * 4 * sizing.work("fkl", sparse=False, fused=True) / mib
+    grads = (rows * d + v * d) * 4 / mib
+    slack = 48  # the allocator's and autograd's own
+    assert extra <= block + chunk_work + grads + slack, (extra, block)

@@ -195,6 +195,7 @@ def _run(job: _Job, student: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | 
         if g is not None:
             assert grad is not None
             rows.put(grad, c, g, scale)
+        del g  # this chunk's workspace goes before the next chunk's is made
     job.stats = chunked.finish()
     return chunked.total.to(out_dtype), grad
 

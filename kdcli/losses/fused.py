@@ -138,10 +138,10 @@ def _run_fused(
                 for c in rows.split(b, chunk):
                     z = zb[c.lo - b.lo : c.hi - b.lo]
                     # ∂loss/∂z is factor · grad_z (the factor is applied as it is written over z)
+                    t = tb[c.lo - b.lo : c.hi - b.lo] if tb is not None else None
                     grad_z: Tensor | None = None
                     factor: float | Tensor = 1.0
                     if chunked is not None:
-                        t = tb[c.lo - b.lo : c.hi - b.lo] if tb is not None else None
                         g, scale, ce_rows = chunked.step(c, z, need_grad, t_rows=t, ce_coef=ce_coef)
                         if ce_rows is not None:
                             ce_total += ce_rows.sum(dtype=torch.float64)
@@ -159,11 +159,15 @@ def _run_fused(
                     if grad_z is not None:
                         head.backward_into(grad_z, z, factor)
                         has_grad = True
+                    grad_z = g = None  # this chunk's workspace goes before the next chunk's is made
                 if has_grad:
                     assert grad_h is not None
                     rows.put(grad_h, b, zb @ kept, 1.0)
                     if weight_sum is not None:
                         weight_sum.add(zb, h)
+                # This block's logits (and the chunks' views of them) go before the next block is projected: the
+                # loop's rebinding alone would hold two blocks of logits at that projection, the head's peak.
+                del zb, tb, z, t
             if weight_sum is not None:
                 weight_sum.flush()
         if chunked is not None:
