@@ -70,6 +70,8 @@ DIVERGENCES: dict[str, tuple[dict[str, float], float]] = {
     "js": ({"beta": 0.5}, 0.5),
 }
 CE_WEIGHT = KD_WEIGHT = 0.5
+# The process that only builds the inputs, in each implementation's environment (its "extra" is measured from it).
+BASELINES = {"kd": "inputs", "liger": "liger-inputs"}
 CHECK_SHAPE = "64x2048x512"
 
 
@@ -135,7 +137,7 @@ def child(spec: dict[str, Any]) -> None:
     x = make_inputs(hidden, vocab, rows)
     out: dict[str, Any] = {"seconds": []}
     impl = spec["impl"]
-    if impl != "inputs":
+    if not impl.endswith("inputs"):
         compiled = impl.endswith("+compile")
         if impl.startswith("kd"):
             fn = kd_loss(spec["divergence"], compiled)
@@ -303,8 +305,8 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
         + (" after an untimed warm-up call" if args.warmup else " (no warm-up call, except under torch.compile)")
         + (f" ({', '.join(args.once_at)}: one call each, no warm-up, for time's sake)" if args.once_at else "")
         + f", median over {args.rounds} round(s). Peak: each process's `ru_maxrss` from `os.wait4`; extra = peak "
-        "− that of a process that only builds the inputs (the gradients of the hidden states and the weight are in "
-        "it).",
+        "− that of a process that only builds the inputs in the same environment (kd's or Liger's venv; the "
+        "gradients of the hidden states and the weight are in the extra).",
         "",
     ]
     if meta.get("check"):
@@ -331,8 +333,8 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
     lines += [header, rule]
     for shape in args.shape_list:
         hidden, vocab, rows = parse_shape(shape)
-        base = summary.get((shape, "-", "inputs"))
-        if base is None:
+        bases = {i: summary.get((shape, "-", BASELINES[i.split("+")[0]])) for i in impls}
+        if any(base is None for base in bases.values()):
             continue
         for divergence in args.divergence_list:
             cells = []
@@ -345,12 +347,12 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
                 if e is None or e["s"] is None:
                     cells += ["-", "-"]
                 else:
-                    cells += [f"{e['s']:.2f}", f"{e['peak'] - base['peak']:,.0f}"]
+                    cells += [f"{e['s']:.2f}", f"{e['peak'] - bases[impl]['peak']:,.0f}"]
             row = f"| {hidden:,} × {vocab:,} | {rows:,} | {divergence} | {loss:.4f} | " + " | ".join(cells) + " |"
             for k, g in pairs:
                 kd, lg = entries.get(k), entries.get(g)
                 if kd and lg and kd["s"] and lg["s"]:
-                    extra = (kd["peak"] - base["peak"]) / (lg["peak"] - base["peak"])
+                    extra = (kd["peak"] - bases[k]["peak"]) / (lg["peak"] - bases[g]["peak"])
                     row += f" **{kd['s'] / lg['s']:.2f}** | **{extra:.2f}** |"
                 else:
                     row += " - | - |"
@@ -367,9 +369,10 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
         "",
         "Inputs alone (hidden states, both weights, labels) peak at "
         + ", ".join(
-            f"{summary[(s, '-', 'inputs')]['peak']:,.0f} MiB ({s})"
+            f"{summary[(s, '-', 'inputs')]['peak']:,.0f} MiB in kd's environment and "
+            f"{summary[(s, '-', 'liger-inputs')]['peak']:,.0f} MiB in Liger's ({s})"
             for s in args.shape_list
-            if (s, "-", "inputs") in summary
+            if (s, "-", "inputs") in summary and (s, "-", "liger-inputs") in summary
         )
         + ".",
     ]
@@ -488,7 +491,9 @@ def main() -> None:
             meta["check"] = check_gradients(args, Path(work))
     results = []
     for shape in args.shape_list:
-        results.append(run_case(args, base_spec(args, shape, "-", "inputs", repeats=0)))
+        # The inputs alone, in each environment: its own torch and imports are part of its every peak.
+        for baseline in BASELINES.values():
+            results.append(run_case(args, base_spec(args, shape, "-", baseline, repeats=0)))
         for divergence in args.only_at.get(shape, args.divergence_list):
             compiled = not args.compile_at or divergence in args.compile_at.get(shape, ())
             impls = [i for i in args.impl_list if compiled or not i.endswith("+compile")]
