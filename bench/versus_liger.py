@@ -155,11 +155,23 @@ def child(spec: dict[str, Any]) -> None:
             if repeat >= warmup:
                 out["seconds"].append(seconds)
         out["loss"] = float(loss.detach())
-        out["grad_h_norm"] = float(x["hs"].grad.double().norm())
-        out["grad_w_norm"] = float(x["ws"].grad.double().norm())
+        out["grad_h_norm"] = norm64(x["hs"].grad)
+        out["grad_w_norm"] = norm64(x["ws"].grad)
         if spec.get("dump"):
             torch.save({"loss": loss.detach(), "grad_h": x["hs"].grad, "grad_w": x["ws"].grad}, spec["dump"])
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def norm64(t: Any, rows: int = 4096) -> float:
+    """The float64 norm of a gradient, a block of rows at a time: a whole float64 copy of a [128,256, 2,048] ∂W
+    (2 GiB) would be the process's peak, hiding the loss's own (and counted against both implementations)."""
+    import torch
+
+    flat = t.reshape(-1, t.shape[-1])
+    total = torch.zeros((), dtype=torch.float64)
+    for lo in range(0, flat.shape[0], rows):
+        total += flat[lo : lo + rows].double().square().sum()
+    return float(total.sqrt())
 
 
 # --- the parent -----------------------------------------------------------------------------------------------
@@ -293,9 +305,15 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
         "",
         f"`{meta['command']}` on {meta['machine']}, {args.threads} torch threads per process, {meta['date']}; torch "
         f"{meta['torch']} in both environments, liger-kernel {meta['liger']} (its own venv, `--no-deps`: no triton, "
-        "the chunked loss is plain torch). The machine was shared with other jobs (load average "
-        f"{meta['load'][0]:.1f} at the start, {meta['load'][1]:.1f} at the end, on 2 cores): read the seconds as "
-        "ratios, taken by alternating the implementations within each round.",
+        "the chunked loss is plain torch). "
+        + (
+            "The machine was shared with other jobs (load average "
+            # at the start this run adds nothing to the load yet; at the end its own case is in it
+            if meta["load"][0] > 1.0 or meta["load"][1] > args.threads + 1.0
+            else "Nothing else ran (load average "
+        )
+        + f"{meta['load'][0]:.1f} at the start, {meta['load'][1]:.1f} at the end, {args.threads} threads a case): read "
+        "the seconds as ratios, taken by alternating the implementations within each round.",
         "",
         "Both compute 0.5 · CE + 0.5 · D from the student's and teacher's hidden states and output weights (fp32, no "
         "bias), every position valid, gradients into the student's hidden states and weight. Divergences matched to "
