@@ -186,12 +186,14 @@ def render(summary: dict[str, dict[str, Any]], plan: dict[str, int], args: argpa
     part = {v: summary[v]["peak_rss"] - base for v in ("plain", "fused")}
     command = " ".join(["python bench/fused.py", *sys.argv[1:]])
     recipe = recipe_for(args, "plain")
+    layers = recipe.student.layers  # as the recipe writes it: every-other, or {keep: N, by: loss}
+    layers_shown = f"{{keep: {layers.keep}, by: {layers.by}}}" if hasattr(layers, "keep") else str(layers)
     lines = [
         SECTION,
         "",
         f"`{command}` on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}. Teacher `{recipe.teacher.model}`, student `init: {recipe.student.init}` "
-        f"(`layers: {recipe.student.layers}`), divergence {args.divergence}, kd_ratio {recipe.loss.kd_ratio}, "
+        f"(`layers: {layers_shown}`), divergence {args.divergence}, kd_ratio {recipe.loss.kd_ratio}, "
         f"precision {recipe.train.precision}, micro-batch {args.batch} × {args.seq} tokens of random ids (the first "
         f"eighth masked), {args.steps} whole training steps a process (teacher forward, student forward and backward, "
         f"AdamW), {args.rounds} round(s); step time: median after each process's first step. Peak RSS of each "
