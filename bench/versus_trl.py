@@ -93,6 +93,11 @@ def recipe_sets(cfg: dict[str, Any]) -> list[str]:
     return [
         f"seed={cfg['seed']}",
         f"teacher.model={cfg['teacher']}",
+        # A fixed cut, built once without scoring layers (the quickstart's `by: loss` scores them inside kd distill):
+        # every trainer starts from the same student, and which layers it kept changes no trainer's speed or memory.
+        "student.layers=every-other",
+        # kd's plain seeded order, the one this bench hands TRL (grouping by length would batch other examples)
+        "train.group_by_length=false",
         "data.train=builtin:starter",
         "data.template=chat",
         f"data.max_length={cfg['max_length']}",
@@ -641,6 +646,7 @@ def render(results: dict[str, Any]) -> str:
         f"{prepared['student_parameters'] / 1e6:.1f}M parameters), cut once and saved, and every trainer starts from "
         f"that folder. Data: `builtin:starter` train, `template: chat`, max_length {cfg['max_length']}, the "
         f"{prepared['stream_examples']} examples of the first {cfg['steps']} batches in kd's seeded order "
+        "(`group_by_length: false`, so that the batches are the plain shuffle's) "
         f"({prepared['stream_tokens']:,} non-pad tokens as kd tokenizes them), given to TRL "
         + (
             "as kd's token ids with the prompt masked by `completion_mask`"
