@@ -159,7 +159,7 @@ def _run_fused(
                     if grad_z is not None:
                         head.backward_into(grad_z, z, factor)
                         has_grad = True
-                    grad_z = g = None  # this chunk's workspace goes before the next chunk's is made
+                    grad_z = g = ce_grad = None  # this chunk's workspace goes before the next chunk's is made
                 if has_grad:
                     assert grad_h is not None
                     rows.put(grad_h, b, zb @ kept, 1.0)
