@@ -34,10 +34,12 @@ with temperature 1 on both. Every case asserts that the two losses, and the norm
 Processes. Each (shape, divergence, implementation) runs in a child process of its own, which builds the inputs from
 a seeded generator (the same tensors in both environments: the same torch), runs one untimed fwd + bwd (the warm-up;
 with torch.compile it compiles) and `--repeats` timed ones, and prints their seconds. Its peak resident memory is the
-child's `ru_maxrss` as `os.wait4` reports it to this parent; a child that only builds the inputs gives the baseline,
-and a variant's "extra" peak is its peak minus that one (the gradients of the hidden states and the weight, which
-both hand to autograd, are inside it). Implementations alternate within a round and rounds repeat (`--rounds`);
-times are the median over rounds of each child's median, so a shared machine's load slows both alike.
+child's `ru_maxrss` as `os.wait4` reports it to this parent (which stays below every child's peak: Linux starts a
+child's count at its parent's); a child that only builds the inputs, in each implementation's environment, gives
+its baseline, and a variant's "extra" peak is its peak minus that one (the gradients of the hidden states and the
+weight, which both hand to autograd, are inside it). Implementations alternate within a round and rounds repeat
+(`--rounds`); times are the median over rounds of each child's median, so a shared machine's load slows both
+alike.
 """
 
 from __future__ import annotations
