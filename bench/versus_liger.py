@@ -323,7 +323,12 @@ def render(args: argparse.Namespace, results: list[dict[str, Any]], meta: dict[s
         f"js = β 0.5; temperature 1. kd's chunk is its automatic one, Liger's its default ({args.liger_chunk} rows). "
         f"Time: forward + backward of one call, the median of {args.repeats} in each process"
         + (" after an untimed warm-up call" if args.warmup else " (no warm-up call, except under torch.compile)")
-        + (f" ({', '.join(args.once_at)}: one call each, no warm-up, for time's sake)" if args.once_at else "")
+        + (
+            f" ({', '.join(args.once_at)}: one call each, no warm-up except under torch.compile, whose first call "
+            "compiles, for time's sake)"
+            if args.once_at
+            else ""
+        )
         + f", median over {args.rounds} round(s). Peak: each process's `ru_maxrss` from `os.wait4`; extra = peak "
         "− that of a process that only builds the inputs in the same environment (kd's or Liger's venv; the "
         "gradients of the hidden states and the weight are in the extra).",
