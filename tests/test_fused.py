@@ -6,7 +6,10 @@ cross-entropy and the divergence on them (`driver.run`), weighted the same way.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,11 +300,6 @@ sys.stdin.read()  # alive until the parent has read its peak
 def _child_peak_mib(script: str, mode: str) -> float:
     """The child's high-water RSS (VmHWM), read by this process from /proc while the child waits. Not `ru_maxrss`
     from wait4: Linux starts a child's ru_maxrss at its parent's peak, which pytest's would hide."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = dict(os.environ, OMP_NUM_THREADS="1")
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-c", script, mode]
