@@ -34,9 +34,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from losses import write_section  # noqa: E402
 
+from kdcli.evaluation.baselines import baseline_title  # noqa: E402
+
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 SECTION = "Quickstart"
-FREQUENT_WORDS = "frequent words (no model)"  # kd compare's title of that reference column
+FREQUENT_WORDS = baseline_title("frequent_words")  # kd compare's title of that reference column
 # The predecessor of today's quickstart, for the "before" column: every other teacher layer, 70 steps at 1e-4.
 OLD = [
     "student.layers=every-other",
@@ -215,7 +217,7 @@ def render(
             f"| {title} | | | | {stop.get('mean', float('nan')):.2f} | {cell['mean']:.2f} "
             f"[{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}] | | |"
         )
-    for title in (FREQUENT_WORDS, "prompt copied (no model)"):
+    for title in (FREQUENT_WORDS, baseline_title("copy_prompt")):
         cell = rouge(data, title)
         if cell:
             lines.append(f"| {title} | | | | | {cell['mean']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}] | | |")

@@ -256,6 +256,7 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
     and the stop rate; the teacher and the two answers written without a model as rows."""
     sys.path.insert(0, str(REPO))
     from kdcli.compare.student_t import mean_ci
+    from kdcli.evaluation.baselines import baseline_title
 
     header = ["", "eval CE", *[f"{s} ROUGE-L" for s in SETS], *[f"{s} stop rate" for s in SETS]]
     rows = [header, ["---"] * len(header)]
@@ -275,9 +276,9 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
             *[_plain(teacher, s, "stop_rate") for s in SETS],
         ]
     )
-    for name, title in (("frequent_words", "frequent words (no model)"), ("copy_prompt", "prompt copied (no model)")):
+    for name in ("frequent_words", "copy_prompt"):
         cells = [_baseline(teacher, s, name) for s in SETS]
-        rows.append([title, "—", *cells, *["—"] * len(SETS)])
+        rows.append([baseline_title(name), "—", *cells, *["—"] * len(SETS)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -19,16 +19,14 @@ def reference_sources(have: Sequence[RunData], entries: dict[str, dict[str, Any]
     """The answers written without a model (`kd eval --baselines`) a column's eval has, by title: the run folder
     they were written to (an arm's first) and their pass label. The first column that has them gives them; they
     depend on the prompts and references alone, which every compared column shares."""
-    from kdcli.evaluation.baselines import BASELINES
+    from kdcli.evaluation.baselines import BASELINES, baseline_title
 
     for run in have:
         baselines = entries[run.label].get("baselines") or {}
         if baselines:
             source = run.folders()[0]
             return {
-                f"{title} (no model)": (source, label)
-                for name, (label, title) in BASELINES.items()
-                if name in baselines
+                baseline_title(name): (source, label) for name, (label, _) in BASELINES.items() if name in baselines
             }
     return {}
 

@@ -35,6 +35,11 @@ BASELINES: dict[str, tuple[str, str]] = {
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def baseline_title(name: str) -> str:
+    """How tables name one answer written without a model (a key of `BASELINES`): its title, said to be no model's."""
+    return f"{BASELINES[name][1]} (no model)"
+
+
 def reference_words(text: str) -> list[str]:
     """Lower-cased runs of letters and digits: the words `frequent_words` counts (punctuation is not a word)."""
     return _WORD.findall(text.lower())

@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kdcli.evaluation.baselines import BASELINES
+from kdcli.evaluation.baselines import BASELINES, baseline_title
 from kdcli.evaluation.judge.failures import JudgeFailures
 
 # (key in metrics, row title, format): the papers' number first.
@@ -138,7 +138,7 @@ def results_table(results: dict[str, Any]) -> Table:
     for name in BASELINES:  # `--baselines`: what answers written without a model score on the same prompts
         if any(name in (entry.get("baselines") or {}) for _, _, entry in shown):
             cells = [_baseline_cell(entry, name) for _, _, entry in shown]
-            table.add_row(f"ROUGE-L, {BASELINES[name][1]} (no model)", *cells, style="dim")
+            table.add_row(f"ROUGE-L, {baseline_title(name)}", *cells, style="dim")
     speeds = [entry["generation"].get("tokens_per_s") for _, _, entry in shown]
     if any(speeds):
         table.add_row("tokens/s", *[f"{v:.0f}" if v else "—" for v in speeds], style="dim")
