@@ -5,7 +5,7 @@ beat KD?
     python bench/replication.py --data-dir ../shared/data --stage warmup   # the shared starting student
     python bench/replication.py --data-dir ../shared/data --stage train    # the arms x seeds grid
     python bench/replication.py --data-dir ../shared/data --stage eval     # kd eval of every finished model
-    python bench/replication.py --data-dir ../shared/data --stage report   # tables and curves into the doc
+    python bench/replication.py --stage report                             # tables and curves into the doc
     python bench/replication.py --data-dir DIR --teacher /path/to/tiny --warmup-steps 2 --steps 2 \\
         --train-examples 16 --eval-examples 2 --max-new-tokens 4 --out /tmp/rep --no-doc   # a smoke test
 
@@ -23,8 +23,11 @@ by git: users do not have ../shared, and no test reads it).
    --eval-examples of Self-Instruct, Vicuna 80 and the starter eval split: --eval-seeds sampling seeds, 128 new
    tokens. Passes already written are reused.
 4. report: `kd compare --pool-seeds --adjust holm` (fkl the baseline), a table of eval CE and ROUGE-L side by side
-   with the stop rate and the model-free baselines, the eval CE curves, and the wall time of every stage, into the
-   `## Results` section of docs/replication.md. The verdict there is written by a person reading them.
+   with the stop rate and the model-free baselines, the eval CE curves, how much of each answer repeats its
+   instruction, and what the study cost (from the runs' own records), into the
+   `## Results` section of docs/replication.md, from the committed files alone (no --data-dir, no weights), so a
+   clean clone re-renders it byte for byte (tests/test_replication_report.py). The verdict, in the doc's own
+   `## Verdict` section, is written by a person reading them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ DOC = REPO / "docs" / "replication.md"
 RESULTS = "## Results"
 SETS = ("selfinst", "vicuna", "starter")
 WARMUP = "warmup"  # the starting student's run folder, under OUT/runs
+CURVES = "curves.png"  # the eval CE curves, under OUT
 
 
 def kd(args: argparse.Namespace, *command: str, capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -210,7 +213,7 @@ def _arm_order(name: str, args: argparse.Namespace) -> tuple[int, str]:
     return (arms.index(arm) if arm in arms else len(arms), name)
 
 
-def report(args: argparse.Namespace, seconds: dict[str, float]) -> str:
+def report(args: argparse.Namespace, draw: bool = True) -> str:
     runs = [run for run in finished_runs(args) if (args.out / run / "eval" / "results.json").is_file()]
     if not runs:
         return f"{RESULTS}\n\nNo evaluated runs yet.\n"
@@ -223,17 +226,23 @@ def report(args: argparse.Namespace, seconds: dict[str, float]) -> str:
         args, "compare", *runs, start, "--pool-seeds", "--adjust", "holm", "--format", "markdown", capture=True
     )
     table = "\n".join("#" + line if line.startswith("#") else line for line in markdown.stdout.splitlines())
-    plot = curves(args, runs)
+    plot = curves(args, runs) if draw else args.out / CURVES
+    planned = len(args.arms.split(",")) * len(args.seeds.split(","))
     lines = [
         RESULTS,
         "",
-        f"`{' '.join(['python bench/replication.py', *sys.argv[1:]])}`: arms {args.arms}, training seeds "
+        f"Rendered by `python bench/replication.py --stage report` from the committed files. {len(runs)} of "
+        f"{planned} runs evaluated"
+        + (
+            ": the arms' columns pool the seeds finished so far, so this is not yet the study"
+            if len(runs) < planned
+            else ""
+        )
+        + f". Arms {args.arms}, training seeds "
         f"{args.seeds}, {args.steps} steps from the warm-up student ({args.warmup_steps} steps of CE), the first "
         f"{args.train_examples} Alpaca examples; eval seeds {args.eval_seeds}, {args.max_new_tokens} new tokens, "
         f"{args.eval_examples or 'all'} examples a set at most. Recipes: `{_shown(args.out / 'warmup.yaml')}`, "
-        f"`{_shown(args.out / 'study.yaml')}`. Wall time, all invocations together, on {os.cpu_count()} CPU cores: "
-        + (", ".join(f"{stage} {value / 3600:.2f} h" for stage, value in seconds.items()) or "not recorded")
-        + ".",
+        f"`{_shown(args.out / 'study.yaml')}`. {_cost(args, runs)}",
         "",
         "### Eval CE and ROUGE-L side by side",
         "",
@@ -248,9 +257,82 @@ def report(args: argparse.Namespace, seconds: dict[str, float]) -> str:
         f"Eval CE curves (mean over each arm's runs; the starter eval split, every {args.eval_every} steps): "
         f"`{_shown(plot)}`.",
         "",
+        "### How much of each answer repeats its instruction",
+        "",
+        echoes(args, data),
+        "",
+        "Of an answer's words (lower-cased runs of letters and digits, as the frequent-words string counts them), the "
+        "share that are words of its instruction, averaged over answers: over every pass of an arm's runs, each "
+        "sampling seed's answers. It reads why ROUGE-L can rank students apart from eval CE on these sets, whose "
+        "references restate the question (the copied prompt's row of the table above).",
+        "",
         table.strip(),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cost(args: argparse.Namespace, runs: list[str]) -> str:
+    """What the study has cost so far, from the runs' own records (kd distill's run.json, kd eval's generation.json)
+    rather than this machine's clock, so that the report re-renders anywhere."""
+    places: list[str] = []
+
+    def trained(run: str) -> float:
+        record = json.loads((args.out / run / "run.json").read_text(encoding="utf-8"))
+        place = f"{record.get('device')} with {record.get('torch_threads')} torch threads"
+        if place not in places:
+            places.append(place)
+        return float(record.get("wall_seconds") or 0.0)
+
+    def answered(folder: Path) -> float:
+        passes = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("eval/*/generation.json"))]
+        passes += [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*/generation.json"))]
+        return sum(float(x.get("seconds") or 0.0) for record in passes for x in (record.get("passes") or {}).values())
+
+    start = trained(f"runs/{WARMUP}")
+    references = answered(args.out / "runs" / WARMUP) + answered(args.out / "evals" / "teacher")
+    train = [trained(run) for run in runs]
+    answers = [answered(args.out / run) for run in runs]
+    per_run = (sum(train) + sum(answers)) / max(1, len(runs)) / 60
+    return (
+        f"Cost, from the runs' records ({' and '.join(places)}): the warm-up's training {start / 3600:.2f} h (its "
+        f"wall time, which counts the hours it shared the machine), the warm-up's and the teacher's answers "
+        f"{references / 3600:.2f} h; the {len(runs)} arms' runs {sum(train) / 3600:.2f} h of training and "
+        f"{sum(answers) / 3600:.2f} h of answers, {per_run:.0f} minutes a run."
+    )
+
+
+def echo_share(rows: list[dict[str, Any]]) -> float:
+    """The mean over answers of the share of an answer's words that are words of its instruction."""
+    from kdcli.evaluation.baselines import reference_words
+
+    shares = []
+    for row in rows:
+        words = reference_words(row["response"])
+        if words:
+            asked = set(reference_words(row["instruction"]))
+            shares.append(sum(word in asked for word in words) / len(words))
+    return sum(shares) / len(shares) if shares else math.nan
+
+
+def echoes(args: argparse.Namespace, data: dict[str, Any]) -> str:
+    """Per column and set: `echo_share` of its sampled answers, every pass of every run pooled; the teacher's too."""
+    from kdcli.models.passes import read_generations
+
+    rows = [["", *SETS], ["---"] * (len(SETS) + 1)]
+    columns = {**_columns(data), "teacher": ["evals/teacher"]}
+    for label, paths in columns.items():
+        cells = []
+        for set_name in SETS:
+            answers = [
+                row
+                for path in paths
+                for passed in sorted((args.out / path).glob(f"**/{set_name}/seed-*.jsonl"))
+                for row in read_generations(passed)
+            ]
+            share = echo_share(answers)
+            cells.append("—" if math.isnan(share) else f"{100 * share:.0f} %")
+        rows.append([label, *cells])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
@@ -353,7 +435,7 @@ def curves(args: argparse.Namespace, runs: list[str]) -> Path:
     axis.set_ylabel("eval CE (nats), starter eval split")
     axis.legend()
     figure.tight_layout()
-    path = args.out / "curves.png"
+    path = args.out / CURVES
     figure.savefig(path, dpi=110)
     return path
 
@@ -367,10 +449,10 @@ def link_data(args: argparse.Namespace) -> None:
     link.symlink_to(args.data_dir, target_is_directory=True)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data-dir", type=Path, required=True, help="the folder holding alpaca-5k/, selfinst/, vicuna/"
+        "--data-dir", type=Path, help="the folder holding alpaca-5k/, selfinst/, vicuna/ (every stage but report)"
     )
     parser.add_argument("--out", type=Path, default=REPO / "study" / "v2", help="where the study's files go")
     parser.add_argument("--arms", default="fkl,rkl,akl,atkd", help="divergences, comma-separated")
@@ -390,32 +472,45 @@ def main() -> None:
     parser.add_argument("--set", action="append", help="a recipe override for every run, as kd distill --set")
     parser.add_argument("--stage", choices=("all", "warmup", "train", "eval", "report"), default="all")
     parser.add_argument("--no-doc", action="store_true", help="print the results, do not write docs/replication.md")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --stage report: re-render the results from the committed files and exit 1 where the doc differs "
+        "(writes nothing, draws no curves)",
+    )
+    return parser
+
+
+def main() -> None:
+    parser = arguments()
     args = parser.parse_args()
+    if args.check and args.stage != "report":
+        parser.error("--check re-renders the results only: use it with --stage report")
     args.out = args.out.resolve()
-    args.data_dir = args.data_dir.resolve()
-    missing = [
-        p
-        for p in ("alpaca-5k/train.jsonl", "selfinst/eval.jsonl", "vicuna/eval.jsonl")
-        if not (args.data_dir / p).is_file()
-    ]
-    if missing:
-        raise SystemExit(f"--data-dir {args.data_dir}: missing {', '.join(missing)} (see ../shared/data/README.md)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    link_data(args)
-    recipes(args)
-    timings = args.out / "timings.json"  # wall seconds per stage, summed over every invocation (the budget)
-    seconds: dict[str, float] = json.loads(timings.read_text()) if timings.is_file() else {}
     code = 0
-    for stage, work in (("warmup", warmup), ("train", train), ("eval", evaluate)):
-        if args.stage in ("all", stage):
-            started = time.perf_counter()
-            code = work(args) or code
-            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
-            timings.write_text(json.dumps(seconds, indent=1) + "\n", encoding="utf-8")
-            if code and args.stage == "all":
-                break
+    if args.stage != "report":  # the report reads the committed files alone: no data, no weights
+        if args.data_dir is None:
+            parser.error(f"--data-dir is needed by --stage {args.stage} (see ../shared/data/README.md)")
+        args.data_dir = args.data_dir.resolve()
+        missing = [
+            p
+            for p in ("alpaca-5k/train.jsonl", "selfinst/eval.jsonl", "vicuna/eval.jsonl")
+            if not (args.data_dir / p).is_file()
+        ]
+        if missing:
+            raise SystemExit(f"--data-dir {args.data_dir}: missing {', '.join(missing)} (see ../shared/data/README.md)")
+        args.out.mkdir(parents=True, exist_ok=True)
+        link_data(args)
+        recipes(args)
+        for stage, work in (("warmup", warmup), ("train", train), ("eval", evaluate)):
+            if args.stage in ("all", stage):
+                code = work(args) or code
+                if code and args.stage == "all":
+                    break
+    if args.check:
+        raise SystemExit(check(args))
     if args.stage in ("all", "report"):
-        section = report(args, seconds)
+        section = report(args)
         print(section)
         if not args.no_doc:
             from losses import write_section
@@ -423,6 +518,25 @@ def main() -> None:
             write_section(DOC, section)
             print(f"wrote the results into {DOC}")
     raise SystemExit(code)
+
+
+def check(args: argparse.Namespace) -> int:
+    """0 where the doc's results section is what the committed files render, else 1 and the lines that differ."""
+    import difflib
+    import re
+
+    rendered = report(args, draw=False)
+    heading, _, body = rendered.partition("\n")
+    expected = f"{heading}\n\n{body.strip()}\n"
+    found = re.search(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", DOC.read_text(encoding="utf-8"), re.S | re.M)
+    written = found.group(0).rstrip("\n") + "\n" if found else ""
+    if written == expected:
+        print(f"{_shown(DOC)}: {heading} is what the committed files render", flush=True)
+        return 0
+    diff = difflib.unified_diff(written.splitlines(), expected.splitlines(), "in the doc", "rendered", lineterm="")
+    print("\n".join(diff), flush=True)
+    print(f"{_shown(DOC)}: {heading} differs from what the committed files render (above)", flush=True)
+    return 1
 
 
 if __name__ == "__main__":
