@@ -76,10 +76,10 @@ def pool_seeds(runs: Sequence[RunData]) -> list[RunData]:
         if len(members) == 1:
             arms.append(members[0])
             continue
-        seeds = [_seed(run) for run in members]
+        seeds = [training_seed(run) for run in members]
         for seed in seeds:
             if seeds.count(seed) > 1:
-                twins = ", ".join(str(run.path) for run in members if _seed(run) == seed)
+                twins = ", ".join(str(run.path) for run in members if training_seed(run) == seed)
                 raise KdError(
                     f"--pool-seeds: {twins} have the same recipe and seed {seed}, so they are not independent "
                     "training runs; drop all but one."
@@ -98,7 +98,8 @@ def _identity(run: RunData) -> str:
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def _seed(run: RunData) -> Any:
+def training_seed(run: RunData) -> Any:
+    """A training run's seed: its recipe's, else its record's."""
     return run.recipe.get(POOLED_KEY, run.run.seed)
 
 

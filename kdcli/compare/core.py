@@ -15,6 +15,7 @@ from kdcli.compare.evalset import SetComparison, compare_set, eval_hint
 from kdcli.compare.multiple import DEFAULT_ADJUSTMENT
 from kdcli.compare.ranking import HIGHER, LOWER, NONE, as_number, best_runs
 from kdcli.compare.runs import RunData
+from kdcli.compare.seeds import SeedTest, seed_tests
 from kdcli.compare.setup_diff import SetupRow, setup_diff
 from kdcli.compare.stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 from kdcli.evaluation.judge.failures import JudgeFailures
@@ -63,6 +64,8 @@ class Comparison:
     head_to_head: list[HeadToHead] = field(default_factory=list)
     resamples: int = DEFAULT_RESAMPLES
     arms: dict[str, list[str]] = field(default_factory=dict)  # an arm's label → its run folders (`--pool-seeds`)
+    # Arms against the baseline arm on training numbers, across training seeds (`seeds.seed_tests`).
+    training_tests: list[SeedTest] = field(default_factory=list)
     # Curves for the sparkline and the plot: run → [(step, value)]; not part of the JSON output.
     curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
 
@@ -97,6 +100,7 @@ def compare_runs(
         resamples=resamples,
         curves={run.label: curves_of(run) for run in runs},
         arms={run.label: [str(f.path) for f in run.folders()] for run in runs if len(run.folders()) > 1},
+        training_tests=seed_tests(runs, base, adjust),
     )
     if len({str(run.run.divergence) for run in runs}) > 1:
         comparison.notes.append(

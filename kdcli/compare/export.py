@@ -47,8 +47,22 @@ def to_csv(comparison: Comparison) -> str:
     for row in comparison.setup:
         for label in comparison.runs:
             writer.writerow({"section": "setup", "key": row.key, "run": label, "value": row.values.get(label) or ""})
+    tested = {(test.key, test.run): test for test in comparison.training_tests}
     for vrow in comparison.training:
         for label in comparison.runs:
+            test = tested.get((vrow.key, label))
+            across_seeds: dict[str, Any] = {}  # the arm against the baseline arm, across seeds (`seeds.seed_tests`)
+            if test is not None:
+                low, high = test.ci95 or (None, None)
+                across_seeds = {
+                    "runs": test.runs,
+                    "delta": _csv_number(test.delta),
+                    "delta_ci95_low": _csv_number(low),
+                    "delta_ci95_high": _csv_number(high),
+                    "p_value": _csv_number(test.p_value),
+                    "p_adjusted": _csv_number(test.p_adjusted),
+                    "significant": test.significant,
+                }
             writer.writerow(
                 {
                     "section": "training",
@@ -57,6 +71,7 @@ def to_csv(comparison: Comparison) -> str:
                     "run": label,
                     "value": _csv_number(vrow.values.get(label)),
                     "best": label in vrow.best,
+                    **across_seeds,
                 }
             )
     for s in comparison.evaluation:

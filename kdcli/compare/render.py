@@ -16,6 +16,7 @@ from rich.text import Text
 from kdcli.compare.core import Comparison, HeadToHead, ValueRow
 from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
 from kdcli.compare.ranking import HIGHER, LOWER
+from kdcli.compare.seeds import TESTED, SeedTest
 
 MISSING = "—"
 BEST = "★"
@@ -121,6 +122,47 @@ def adjustment_note(s: SetComparison) -> str | None:
     )
 
 
+def _seed_text(test: SeedTest, fmt: str = "{:.3f}") -> str:
+    text = f"Δ {_signed(test.delta, fmt)}"
+    if test.ci95 is not None:
+        text += f" [{_signed(test.ci95[0], fmt)}, {_signed(test.ci95[1], fmt)}]"
+    if math.isnan(test.p_value):
+        text += " p n/a"
+    else:
+        text += f" {_p(test.p_adjusted)} " + ("*" if test.significant else "n.s.")
+    return text + f" ({'paired by seed' if test.paired else 'Welch'}, {test.runs} runs)"
+
+
+def seed_rows(comparison: Comparison) -> dict[str, tuple[str, dict[str, str]]]:
+    """By training row key: the row that follows it, its Δ against the baseline arm across training seeds."""
+    rows = {}
+    for key in dict.fromkeys(test.key for test in comparison.training_tests):
+        tests = {test.run: test for test in comparison.training_tests if test.key == key}
+        cells = {label: _seed_text(tests[label]) if label in tests else MISSING for label in comparison.runs}
+        cells[comparison.baseline] = "baseline"
+        rows[key] = (f"{TESTED[key]} Δ, training seeds", cells)
+    return rows
+
+
+def seed_note(comparison: Comparison) -> str | None:
+    """How the training table's Δ rows were tested, and their p-values adjusted."""
+    if not comparison.training_tests:
+        return None
+    adjust = comparison.training_tests[0].adjust
+    tests = sum(1 for test in comparison.training_tests if not math.isnan(test.p_value))
+    how = (
+        f"p-values {adjust.capitalize()}-adjusted for the {tests} test{'s' if tests != 1 else ''} of the row "
+        f"(--adjust {adjust})"
+        if adjust != "none"
+        else "p-values as tested (--adjust none)"
+    )
+    return (
+        "Training numbers Δ, training seeds: each arm against the baseline arm with one value a run, Student t on "
+        "the differences of runs of the same training seed (the same data order; n − 1 df), Welch's t where the "
+        f"arms' seeds differ; 95% interval of Δ; {how} (docs/compare.md)."
+    )
+
+
 def _title(row: MetricRow | ValueRow) -> str:
     arrow = ARROWS.get(row.direction)
     return f"{row.title} {arrow}" if arrow else row.title
@@ -178,12 +220,16 @@ def _training_table(comparison: Comparison) -> Table:
     table.add_column("", style="cyan", no_wrap=True)
     for label in comparison.runs:
         table.add_column(escape(label), justify="right")
+    tested = seed_rows(comparison)
     for row in comparison.training:
         cells = []
         for label in comparison.runs:
             text = _number(row.values.get(label))
             cells.append(f"[bold green]{text} {BEST}[/bold green]" if label in row.best else text)
         table.add_row(_title(row), *cells)
+        if row.key in tested:
+            title, texts = tested[row.key]
+            table.add_row(title, *[escape(texts[label]) for label in comparison.runs])
     curves = [comparison.curves.get(label, {}).get("loss", []) for label in comparison.runs]
     if any(curves):
         lines = [sparkline([v for _, v in curve], width=16) or MISSING for curve in curves]
@@ -252,6 +298,9 @@ def _h2h_cells(h: HeadToHead) -> list[str]:
 
 def notes_of(comparison: Comparison) -> list[str]:
     notes = list(comparison.notes)
+    tested = seed_note(comparison)
+    if tested:
+        notes.append(tested)
     for s in comparison.evaluation:
         notes.extend(s.notes)
         notes.extend(
@@ -293,7 +342,13 @@ def to_markdown(comparison: Comparison) -> str:
     else:
         out.append("The recipes are identical (name and output_dir aside).")
     out += ["", "### Training", ""]
-    rows = [[_title(r), *[_bold(_number(r.values.get(x)), x in r.best) for x in runs]] for r in comparison.training]
+    tested = seed_rows(comparison)
+    rows = []
+    for r in comparison.training:
+        rows.append([_title(r), *[_bold(_number(r.values.get(x)), x in r.best) for x in runs]])
+        if r.key in tested:  # a bare "*" would start emphasis in Markdown
+            title, texts = tested[r.key]
+            rows.append([title, *[texts[x].replace("*", chr(92) + "*") for x in runs]])
     out.append(_md_table(["", *runs], rows))
     for s in comparison.evaluation:
         out += ["", f"### {_set_title(s, bool(comparison.arms)).removeprefix('eval · ')}", ""]
