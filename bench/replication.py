@@ -248,7 +248,9 @@ def report(args: argparse.Namespace, draw: bool = True) -> str:
         "",
         side_by_side(args, data),
         "",
-        "Eval CE: at the end, mean ± the 95% t interval over an arm's training seeds. ROUGE-L: mean [95% interval], "
+        "Eval CE: at the end, mean ± the 95% t interval over an arm's training seeds; its Δ against the baseline arm "
+        "paired by training seed (the same data order), Student t over the runs' differences, Holm-adjusted over "
+        "the arms (docs/compare.md). ROUGE-L: mean [95% interval], "
         "from the kd compare below (Holm-adjusted p-values there). ▽: not above the fixed string of frequent words "
         "(its row at the bottom, from the teacher's eval) on ROUGE-L: not yet a model on that set, so not ranked "
         "there. The copied prompt is a reference row, not a bar: it beats the teacher where the references restate "
@@ -339,15 +341,20 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """Per column: eval CE at the end (mean ± the t interval over training seeds), then per set ROUGE-L [95% CI]
     and the stop rate; the teacher and the two answers written without a model as rows."""
     sys.path.insert(0, str(REPO))
+    from kdcli.compare.render import seed_text
+    from kdcli.compare.seeds import SeedTest
     from kdcli.compare.student_t import mean_ci
     from kdcli.evaluation.baselines import baseline_title
 
-    header = ["", "eval CE", *[f"{s} ROUGE-L" for s in SETS], *[f"{s} stop rate" for s in SETS]]
+    tests = {t["run"]: SeedTest(**t | {"ci95": tuple(t["ci95"] or ()) or None}) for t in data["training_tests"]}
+    header = ["", "eval CE", f"eval CE Δ vs {data['baseline']}"]
+    header += [*[f"{s} ROUGE-L" for s in SETS], *[f"{s} stop rate" for s in SETS]]
     rows = [header, ["---"] * len(header)]
     for label, paths in _columns(data).items():
         ces = [_eval_ce(args.out / p) for p in paths]
         ce = mean_ci([v for v in ces if v is not None])
         cells = [f"{ce.mean:.3f}" + (f" ± {ce.half_width:.3f}" if ce.half_width is not None else "")]
+        cells.append("baseline" if label == data["baseline"] else seed_text(tests[label]) if label in tests else "—")
         cells += [_metric(data, s, label, "rougeL", "{:.2f}") for s in SETS]
         cells += [_metric(data, s, label, "stop_rate", "{:.2f}") for s in SETS]
         rows.append([label, *cells])
@@ -356,13 +363,14 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
         [
             "teacher",
             "—",
+            "—",
             *[_plain(teacher, s, "rougeL") for s in SETS],
             *[_plain(teacher, s, "stop_rate") for s in SETS],
         ]
     )
     for name in ("frequent_words", "copy_prompt"):
         cells = [_baseline(teacher, s, name) for s in SETS]
-        rows.append([baseline_title(name), "—", *cells, *["—"] * len(SETS)])
+        rows.append([baseline_title(name), "—", "—", *cells, *["—"] * len(SETS)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

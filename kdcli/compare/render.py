@@ -122,7 +122,8 @@ def adjustment_note(s: SetComparison) -> str | None:
     )
 
 
-def _seed_text(test: SeedTest, fmt: str = "{:.3f}") -> str:
+def seed_text(test: SeedTest, fmt: str = "{:.3f}") -> str:
+    """An arm's Δ against the baseline arm across training seeds: interval, adjusted p, and how it was tested."""
     text = f"Δ {_signed(test.delta, fmt)}"
     if test.ci95 is not None:
         text += f" [{_signed(test.ci95[0], fmt)}, {_signed(test.ci95[1], fmt)}]"
@@ -138,7 +139,7 @@ def seed_rows(comparison: Comparison) -> dict[str, tuple[str, dict[str, str]]]:
     rows = {}
     for key in dict.fromkeys(test.key for test in comparison.training_tests):
         tests = {test.run: test for test in comparison.training_tests if test.key == key}
-        cells = {label: _seed_text(tests[label]) if label in tests else MISSING for label in comparison.runs}
+        cells = {label: seed_text(tests[label]) if label in tests else MISSING for label in comparison.runs}
         cells[comparison.baseline] = "baseline"
         rows[key] = (f"{TESTED[key]} Δ, training seeds", cells)
     return rows
