@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from losses import write_section  # noqa: E402
 
-from kdcli.evaluation.baselines import baseline_title  # noqa: E402
+from kdcli.evaluation.baselines import BAR, baseline_title  # noqa: E402
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 SECTION = "Quickstart"
-FREQUENT_WORDS = baseline_title("frequent_words")  # kd compare's title of that reference column
+FREQUENT_WORDS = baseline_title(BAR)  # kd compare's title of the bar's reference column
 # The predecessor of today's quickstart, for the "before" column: every other teacher layer, 70 steps at 1e-4.
 OLD = [
     "student.layers=every-other",

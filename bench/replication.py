@@ -249,8 +249,8 @@ def report(args: argparse.Namespace, draw: bool = True) -> str:
         side_by_side(args, data),
         "",
         "Eval CE: at the end, mean ± the 95% t interval over an arm's training seeds; its Δ against the baseline arm "
-        "paired by training seed (the same data order), Student t over the runs' differences, Holm-adjusted over "
-        "the arms (docs/compare.md). ROUGE-L: mean [95% interval], "
+        "as kd compare tests it across training seeds (paired by seed where both arms have it, the same data order; "
+        "the cell says how), Holm-adjusted over the arms (docs/compare.md). ROUGE-L: mean [95% interval], "
         "from the kd compare below (Holm-adjusted p-values there). ▽: not above the fixed string of frequent words "
         "(its row at the bottom, from the teacher's eval) on ROUGE-L: not yet a model on that set, so not ranked "
         "there. The copied prompt is a reference row, not a bar: it beats the teacher where the references restate "
@@ -280,7 +280,7 @@ def _cost(args: argparse.Namespace, runs: list[str]) -> str:
 
     def trained(run: str) -> float:
         record = json.loads((args.out / run / "run.json").read_text(encoding="utf-8"))
-        place = f"{record.get('device')} with {record.get('torch_threads')} torch threads"
+        place = f"{record.get('device', 'an unrecorded device')} with {record.get('torch_threads', '?')} torch threads"
         if place not in places:
             places.append(place)
         return float(record.get("wall_seconds") or 0.0)
@@ -346,7 +346,7 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
     from kdcli.compare.student_t import mean_ci
     from kdcli.evaluation.baselines import baseline_title
 
-    tests = {t["run"]: SeedTest(**t | {"ci95": tuple(t["ci95"] or ()) or None}) for t in data["training_tests"]}
+    tests = {t["run"]: SeedTest.from_dict(t) for t in data["training_tests"]}
     header = ["", "eval CE", f"eval CE Δ vs {data['baseline']}"]
     header += [*[f"{s} ROUGE-L" for s in SETS], *[f"{s} stop rate" for s in SETS]]
     rows = [header, ["---"] * len(header)]
@@ -354,7 +354,8 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
         ces = [_eval_ce(args.out / p) for p in paths]
         ce = mean_ci([v for v in ces if v is not None])
         cells = [f"{ce.mean:.3f}" + (f" ± {ce.half_width:.3f}" if ce.half_width is not None else "")]
-        cells.append("baseline" if label == data["baseline"] else seed_text(tests[label]) if label in tests else "—")
+        tested = seed_text(tests[label]).replace("*", "\\*") if label in tests else "—"  # "*" would be emphasis
+        cells.append("baseline" if label == data["baseline"] else tested)
         cells += [_metric(data, s, label, "rougeL", "{:.2f}") for s in SETS]
         cells += [_metric(data, s, label, "stop_rate", "{:.2f}") for s in SETS]
         rows.append([label, *cells])
@@ -386,7 +387,7 @@ def _eval_ce(run: Path) -> float | None:
 
 
 def _metric(data: dict[str, Any], set_name: str, label: str, metric: str, fmt: str) -> str:
-    from kdcli.evaluation.baselines import baseline_title
+    from kdcli.evaluation.baselines import BAR, baseline_title
 
     for evaluation in data["evaluation"]:
         if evaluation["set"] != set_name or evaluation["mode"] != "sampling":
@@ -398,8 +399,7 @@ def _metric(data: dict[str, Any], set_name: str, label: str, metric: str, fmt: s
         text = fmt.format(cell["mean"])
         if cell.get("ci95"):
             text += f" [{fmt.format(cell['ci95'][0])}, {fmt.format(cell['ci95'][1])}]"
-        # The bar is the fixed string of frequent words; the copied prompt is a reference row (docs/eval.md).
-        return text + (" ▽" if baseline_title("frequent_words") in (cell.get("not_above") or []) else "")
+        return text + (" ▽" if baseline_title(BAR) in (cell.get("not_above") or []) else "")
     return "—"
 
 

@@ -18,7 +18,8 @@ from compare_fixtures import make_run
 from typer.testing import CliRunner
 
 from kdcli.cli import app
-from kdcli.compare.seeds import paired_difference, welch_difference
+from kdcli.compare.render import seed_text
+from kdcli.compare.seeds import SeedTest, paired_difference, welch_difference
 from kdcli.compare.student_t import t_quantile
 
 runner = CliRunner()
@@ -49,11 +50,12 @@ def test_welch_has_satterthwaites_degrees_of_freedom() -> None:
     assert 4.0 <= lopsided.df < 4.2
 
 
-def test_nothing_to_test_and_certain_differences() -> None:
+def test_no_spread_is_nothing_to_test() -> None:
+    """Identical runs, or every pair apart by exactly the same amount: no spread, so no p and no interval."""
     same = paired_difference([1.0, 2.0], [1.0, 2.0])
     assert same.delta == 0.0 and math.isnan(same.p_value)
     shifted = paired_difference([1.5, 2.5], [1.0, 2.0])
-    assert shifted.delta == pytest.approx(0.5) and shifted.p_value == 0.0
+    assert shifted.delta == pytest.approx(0.5) and math.isnan(shifted.p_value) and shifted.ci95 is None
     one = paired_difference([1.5], [1.0])
     assert one.ci95 is None and math.isnan(one.p_value)
 
@@ -115,35 +117,71 @@ def _compare(*args: str) -> str:
 
 
 def test_kd_compare_tests_eval_ce_across_training_seeds(tmp_path: Path) -> None:
-    fkl = {0: 3.45, 1: 3.37, 2: 3.52}
-    rkl = {0: 3.59, 1: 3.49, 2: 3.65}  # every seed 0.10-0.14 above fkl's: the pairs agree
+    """Pairs are matched by seed, not by the order the runs are given in (seeds 2, 10, 1 sort differently as text
+    and as numbers); arms on other seeds get Welch's t; Holm adjusts the row."""
+    fkl = {2: 3.45, 10: 3.37, 1: 3.52}
+    rkl = {1: 3.65, 2: 3.59, 10: 3.49}  # every seed 0.12-0.14 above fkl's: the pairs agree
     akl = {3: 3.50, 4: 3.40, 5: 3.47}  # other seeds: Welch
     values = {**{("fkl", s): v for s, v in fkl.items()}, **{("rkl", s): v for s, v in rkl.items()}}
     values |= {("akl", s): v for s, v in akl.items()}
     runs = [str(p) for p in _grid(tmp_path, values)]
     data = json.loads(_compare(*runs, "--pool-seeds", "--format", "json"))
     tests = {t["run"]: t for t in data["training_tests"]}
-    assert set(tests) == {"g-rkl-s{0,1,2}", "g-akl-s{3,4,5}"}
-    paired, welch = tests["g-rkl-s{0,1,2}"], tests["g-akl-s{3,4,5}"]
-    expected = paired_difference(list(rkl.values()), list(fkl.values()))
-    assert paired["paired"] and paired["runs"] == 3 and paired["baseline"] == "g-fkl-s{0,1,2}"
-    assert paired["delta"] == pytest.approx(expected.delta) and paired["p_value"] == pytest.approx(expected.p_value)
-    assert not welch["paired"]
-    assert welch["delta"] == pytest.approx(welch_difference(list(akl.values()), list(fkl.values())).delta)
-    holm = sorted([paired["p_value"], welch["p_value"]])
-    assert min(paired["p_adjusted"], welch["p_adjusted"]) == pytest.approx(2 * holm[0])
+    rkl_label, akl_label = "g-rkl-s{1,2,10}", "g-akl-s{3,4,5}"
+    assert set(tests) == {rkl_label, akl_label} and data["baseline"] == "g-fkl-s{2,10,1}"
+    paired, welch = tests[rkl_label], tests[akl_label]
+    seeds = (2, 10, 1)
+    expected = paired_difference([rkl[s] for s in seeds], [fkl[s] for s in seeds])
+    assert paired["paired"] and paired["pairs"] == 3 and paired["df"] == 2
+    assert paired["delta"] == pytest.approx(0.13) and paired["p_value"] == pytest.approx(expected.p_value)
+    by_position = paired_difference(list(rkl.values()), list(fkl.values()))
+    assert abs(by_position.p_value - expected.p_value) > 0.05  # matching by position would give another answer
+    assert not welch["paired"] and welch["pairs"] == 0 and (welch["runs"], welch["baseline_runs"]) == (3, 3)
+    expected_welch = welch_difference(list(akl.values()), list(fkl.values()))
+    assert welch["delta"] == pytest.approx(expected_welch.delta) and welch["df"] == pytest.approx(expected_welch.df)
+    low, high = sorted([expected.p_value, expected_welch.p_value])
+    adjusted = sorted([paired["p_adjusted"], welch["p_adjusted"]])
+    assert adjusted == pytest.approx([2 * low, max(2 * low, high)])
     assert paired["significant"] and expected.p_value < 0.025  # the pairs agree: Holm's 2·p stays below 0.05
     markdown = _compare(*runs, "--pool-seeds", "--format", "markdown")
     row = next(line for line in markdown.splitlines() if line.startswith("| eval CE (end) Δ, training seeds"))
-    assert "| baseline |" in row and "paired by seed, 3 runs" in row and "Welch, 3 runs" in row and "\\*" in row
-    assert "Training numbers Δ, training seeds" in markdown
+    assert "| baseline |" in row and "(paired by seed, 3 pairs)" in row and "(Welch, 3 against 3 runs)" in row
+    assert "p=0.0" in row and "\\*" in row  # the star escaped, as every Markdown cell's
+    assert "- eval CE (end) Δ, training seeds: each arm against the baseline arm" in markdown
     table = list(csv.DictReader(io.StringIO(_compare(*runs, "--pool-seeds", "--format", "csv"))))
-    cell = next(
-        r for r in table if r["section"] == "training" and r["key"] == "eval_ce" and r["run"] == "g-rkl-s{0,1,2}"
-    )
-    assert float(cell["delta"]) == pytest.approx(expected.delta) and cell["significant"] == "True"
+    cells = {r["run"]: r for r in table if r["section"] == "training" and r["key"] == "eval_ce"}
+    assert float(cells[rkl_label]["delta"]) == pytest.approx(0.13) and cells[rkl_label]["significant"] == "True"
+    assert cells[rkl_label]["test"] == "paired by seed (3 pairs)" and cells[akl_label]["test"] == "welch"
+    assert cells["g-fkl-s{2,10,1}"]["delta"] == ""
     shown = _compare(*runs[:6], "--pool-seeds")  # the rich table, fkl and rkl: wide enough for the cell
-    assert "eval CE (end) Δ, training seeds" in shown and "Δ +0.130 [+0.105, +0.155]" in shown
+    assert "eval CE (end) Δ, training seeds" in shown and "Δ +0.130 [+0.105," in shown and "+0.155] p=0.002 *" in shown
+
+
+def test_arms_that_share_some_seeds_are_paired_on_those(tmp_path: Path) -> None:
+    """A study part-way: the baseline arm has seeds 0-2, the other 0-1. The two shared seeds are paired; the third
+    baseline run is left out, and the cell says so."""
+    fkl = {0: 3.45, 1: 3.37, 2: 3.40}
+    rkl = {0: 3.59, 1: 3.49}
+    values = {**{("fkl", s): v for s, v in fkl.items()}, **{("rkl", s): v for s, v in rkl.items()}}
+    runs = [str(p) for p in _grid(tmp_path, values)]
+    (test,) = json.loads(_compare(*runs, "--pool-seeds", "--format", "json"))["training_tests"]
+    expected = paired_difference([3.59, 3.49], [3.45, 3.37])
+    assert test["paired"] and test["pairs"] == 2 and test["delta"] == pytest.approx(expected.delta)
+    assert test["p_value"] == pytest.approx(expected.p_value)
+    markdown = _compare(*runs, "--pool-seeds", "--format", "markdown")
+    assert "(paired by seed, 2 pairs; 1 unpaired run left out)" in markdown
+
+
+def test_a_test_reads_back_from_json_with_no_p(tmp_path: Path) -> None:
+    """Every pair apart by the same amount: p is n/a, written as null, and reads back as NaN (bench/replication.py
+    renders the study's table from the JSON)."""
+    values = {("fkl", 0): 3.4, ("fkl", 1): 3.5, ("rkl", 0): 3.5, ("rkl", 1): 3.6}
+    runs = [str(p) for p in _grid(tmp_path, values)]
+    (raw,) = json.loads(_compare(*runs, "--pool-seeds", "--format", "json"))["training_tests"]
+    assert raw["p_value"] is None and raw["untested"] == "the same difference in every run"
+    test = SeedTest.from_dict(raw)
+    assert math.isnan(test.p_value) and test.ci95 is None and test.delta == pytest.approx(0.1)
+    assert seed_text(test).startswith("Δ +0.100 p n/a (the same difference in every run) (paired by seed, 2 pairs")
 
 
 def test_no_training_test_without_arms_of_several_runs(tmp_path: Path) -> None:

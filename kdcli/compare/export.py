@@ -36,6 +36,7 @@ def to_json(comparison: Comparison) -> str:
 CSV_COLUMNS = (
     "section", "set", "mode", "key", "direction", "run", "value", "ci95_low", "ci95_high", "ci95_seeds", "seeds",
     "runs", "delta", "delta_ci95_low", "delta_ci95_high", "p_value", "p_adjusted", "significant", "best", "not_above",
+    "test",
 )  # fmt: skip
 
 
@@ -62,6 +63,7 @@ def to_csv(comparison: Comparison) -> str:
                     "p_value": _csv_number(test.p_value),
                     "p_adjusted": _csv_number(test.p_adjusted),
                     "significant": test.significant,
+                    "test": f"paired by seed ({test.pairs} pairs)" if test.paired else "welch",
                 }
             writer.writerow(
                 {

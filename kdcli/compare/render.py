@@ -109,16 +109,24 @@ def _delta_text(cell: MetricCell, fmt: str) -> str | None:
     return text
 
 
+def adjusted_how(adjust: str, tests: int, family: str) -> str:
+    """How a family's p-values were adjusted for their number (`--adjust`), in words."""
+    count = f"{tests} test{'s' if tests != 1 else ''} of {family}"
+    if adjust == "none":
+        return f"p-values as tested, not adjusted for the {count} (--adjust none)"
+    name = {"holm": "Holm", "bonferroni": "Bonferroni"}.get(adjust, adjust)
+    return f"p-values {name}-adjusted for the {count} (--adjust {adjust})"
+
+
 def adjustment_note(s: SetComparison) -> str | None:
     """The footer of an eval table: how its p-values were adjusted for their number."""
     if not s.tests:
         return None
     if s.adjust == "none":
-        return f"p-values as tested, not adjusted for the {s.tests} tests of this table (--adjust none)."
-    name = {"holm": "Holm", "bonferroni": "Bonferroni"}.get(s.adjust, s.adjust)
+        return adjusted_how(s.adjust, s.tests, "this table") + "."
     return (
-        f"p-values {name}-adjusted for the {s.tests} tests of this table (--adjust {s.adjust}): a star keeps the "
-        "chance of any false star in the table at 0.05 or below; the intervals are not adjusted."
+        adjusted_how(s.adjust, s.tests, "this table") + ": a star keeps the chance of any false star in the table at "
+        "0.05 or below; the intervals are not adjusted."
     )
 
 
@@ -128,10 +136,14 @@ def seed_text(test: SeedTest, fmt: str = "{:.3f}") -> str:
     if test.ci95 is not None:
         text += f" [{_signed(test.ci95[0], fmt)}, {_signed(test.ci95[1], fmt)}]"
     if math.isnan(test.p_value):
-        text += " p n/a"
+        text += f" p n/a ({test.untested})" if test.untested else " p n/a"
     else:
         text += f" {_p(test.p_adjusted)} " + ("*" if test.significant else "n.s.")
-    return text + f" ({'paired by seed' if test.paired else 'Welch'}, {test.runs} runs)"
+    if not test.paired:
+        return text + f" (Welch, {test.runs} against {test.baseline_runs} runs)"
+    left_out = test.runs + test.baseline_runs - 2 * test.pairs
+    unpaired = f"; {left_out} unpaired run{'s' if left_out != 1 else ''} left out" if left_out else ""
+    return text + f" (paired by seed, {test.pairs} pairs{unpaired})"
 
 
 def seed_rows(comparison: Comparison) -> dict[str, tuple[str, dict[str, str]]]:
@@ -141,27 +153,27 @@ def seed_rows(comparison: Comparison) -> dict[str, tuple[str, dict[str, str]]]:
         tests = {test.run: test for test in comparison.training_tests if test.key == key}
         cells = {label: seed_text(tests[label]) if label in tests else MISSING for label in comparison.runs}
         cells[comparison.baseline] = "baseline"
-        rows[key] = (f"{TESTED[key]} Δ, training seeds", cells)
+        rows[key] = (seed_row_title(key), cells)
     return rows
 
 
+def seed_row_title(key: str) -> str:
+    return f"{TESTED[key]} Δ, training seeds"
+
+
 def seed_note(comparison: Comparison) -> str | None:
-    """How the training table's Δ rows were tested, and their p-values adjusted."""
-    if not comparison.training_tests:
-        return None
-    adjust = comparison.training_tests[0].adjust
-    tests = sum(1 for test in comparison.training_tests if not math.isnan(test.p_value))
-    how = (
-        f"p-values {adjust.capitalize()}-adjusted for the {tests} test{'s' if tests != 1 else ''} of the row "
-        f"(--adjust {adjust})"
-        if adjust != "none"
-        else "p-values as tested (--adjust none)"
-    )
-    return (
-        "Training numbers Δ, training seeds: each arm against the baseline arm with one value a run, Student t on "
-        "the differences of runs of the same training seed (the same data order; n − 1 df), Welch's t where the "
-        f"arms' seeds differ; 95% interval of Δ; {how} (docs/compare.md)."
-    )
+    """How the training table's Δ rows were tested, and their p-values adjusted (each row a family of its own)."""
+    notes = []
+    for key in dict.fromkeys(test.key for test in comparison.training_tests):
+        row = [test for test in comparison.training_tests if test.key == key]
+        tests = sum(1 for test in row if not math.isnan(test.p_value))
+        notes.append(
+            f"{seed_row_title(key)}: each arm against the baseline arm, one value a training run: Student t on the "
+            "differences of runs of the same training seed (the same data order; n − 1 df, n the pairs), Welch's t "
+            "where the arms share fewer than two seeds; 95% interval of Δ, not adjusted; "
+            f"{adjusted_how(row[0].adjust, tests, 'the row')} (docs/compare.md)."
+        )
+    return " ".join(notes) or None
 
 
 def _title(row: MetricRow | ValueRow) -> str:

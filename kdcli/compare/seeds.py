@@ -5,11 +5,13 @@ The eval table's tests count prompts and sampling seeds; a training number (eval
 prompts to resample: its only spread is the training seed's, one value a run. So each arm against the baseline arm
 gets a t test on those values:
 
-- **Paired by training seed** where both arms have the same seeds: `kd distill --grid seed=...` gives every arm's
-  seed-s run the same data order, so the differences d_s = arm_s − baseline_s cancel what the order alone does.
-  Δ = mean d, its 95% interval mean ± t(0.975, n−1)·sd(d)/√n, and the p of t = mean/(sd/√n) with n − 1 df.
-- **Welch** where the seeds differ: Δ = the difference of means, its variance s_a²/n_a + s_b²/n_b, and
+- **Paired by training seed** on the seeds both arms have, where they share two or more: `kd distill --grid
+  seed=...` gives every arm's seed-s run the same data order, so the differences d_s = arm_s − baseline_s cancel
+  what the order alone does. Δ = mean d, its 95% interval mean ± t(0.975, n−1)·sd(d)/√n, and the p of
+  t = mean/(sd/√n) with n − 1 df, n the pairs. A run whose seed the other arm lacks is left out of the test.
+- **Welch** where they share fewer than two: Δ = the difference of means, its variance s_a²/n_a + s_b²/n_b, and
   Welch–Satterthwaite degrees of freedom.
+- Where every pair (or every run) differs by exactly the same amount there is no spread to test with: p is n/a.
 
 The row's p-values are adjusted for their number as the eval tables' are (`multiple.adjust_p_values`). With 5 runs
 an arm the paired test has 4 df; its calibration is tested by simulation in tests/test_compare_seeds.py.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kdcli.compare.arms import training_seed
 from kdcli.compare.multiple import adjust_p_values
@@ -37,14 +40,26 @@ class SeedTest:
     run: str  # the arm's label
     baseline: str
     delta: float  # run − baseline
-    ci95: tuple[float, float] | None  # None where no interval can be given (one value on a side)
-    p_value: float  # NaN where nothing can be tested
+    ci95: tuple[float, float] | None  # None where no interval can be given
+    p_value: float  # NaN where nothing can be tested (`untested` says why)
     p_adjusted: float
     significant: bool
-    paired: bool  # by training seed
+    paired: bool  # by training seed (else Welch)
+    pairs: int  # the seeds both arms have, where paired
+    runs: int  # the arm's runs
+    baseline_runs: int
     df: float
-    runs: int  # the arm's runs (the pairs, where paired)
     adjust: str  # how the row's p-values were adjusted (`multiple.ADJUSTMENTS`)
+    untested: str = ""  # why p is n/a
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> SeedTest:
+        """From `kd compare --format json`'s `training_tests`, where NaN is written as null."""
+        fields = dict(data)
+        for name in ("delta", "p_value", "p_adjusted", "df"):
+            fields[name] = math.nan if fields.get(name) is None else fields[name]
+        fields["ci95"] = tuple(fields["ci95"]) if fields.get("ci95") else None  # type: ignore[arg-type]
+        return cls(**fields)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,8 @@ def _variance(values: Sequence[float]) -> float:
 
 
 def _t(delta: float, se: float, df: float) -> Difference:
-    if se == 0.0:  # every run moved by the same amount: certain if it moved, nothing to test if not
-        return Difference(delta, (delta, delta), 0.0 if delta != 0.0 else math.nan, df)
+    if se == 0.0:  # every pair (or run) differs by the same amount: no spread to test with
+        return Difference(delta, None, math.nan, df)
     half = t_quantile(1.0 - ALPHA / 2.0, df) * se
     p = 2.0 * (1.0 - t_cdf(abs(delta) / se, df))
     return Difference(delta, (delta - half, delta + half), min(1.0, p), df)
@@ -94,44 +109,21 @@ def _t(delta: float, se: float, df: float) -> Difference:
 
 def seed_tests(runs: Sequence[RunData], baseline: str, adjust: str) -> list[SeedTest]:
     """Each arm of two or more runs against the baseline arm, on every `TESTED` number, p-values adjusted per row."""
-    by_label = {run.label: run for run in runs}
-    base = by_label.get(baseline)
+    base = next((run for run in runs if run.label == baseline), None)
     if base is None or len(base.folders()) < 2:
         return []
     tests: list[SeedTest] = []
     for key in TESTED:
-        row: list[SeedTest] = []
         base_values = _values(base, key)
         if base_values is None:
             continue
-        for run in runs:
-            if run.label == baseline or len(run.folders()) < 2:
-                continue
-            values = _values(run, key)
-            if values is None:
-                continue
-            paired = sorted(values) == sorted(base_values)
-            if paired:
-                seeds = sorted(values)
-                found = paired_difference([values[s] for s in seeds], [base_values[s] for s in seeds])
-            else:
-                found = welch_difference(list(values.values()), list(base_values.values()))
-            row.append(
-                SeedTest(
-                    key=key,
-                    run=run.label,
-                    baseline=baseline,
-                    delta=found.delta,
-                    ci95=found.ci95,
-                    p_value=found.p_value,
-                    p_adjusted=math.nan,
-                    significant=False,
-                    paired=paired,
-                    df=found.df,
-                    runs=len(values),
-                    adjust=adjust,
-                )
-            )
+        row = [
+            _test(key, run.label, baseline, values, base_values, adjust)
+            for run in runs
+            if run.label != baseline and len(run.folders()) >= 2
+            for values in [_values(run, key)]
+            if values is not None
+        ]
         for test, p_adjusted in zip(row, adjust_p_values([t.p_value for t in row], adjust), strict=True):
             test.p_adjusted = p_adjusted
             test.significant = p_adjusted < ALPHA
@@ -139,12 +131,44 @@ def seed_tests(runs: Sequence[RunData], baseline: str, adjust: str) -> list[Seed
     return tests
 
 
-def _values(run: RunData, key: str) -> dict[str, float] | None:
-    """A number of each of the arm's runs, by training seed; None when a run lacks it."""
-    values: dict[str, float] = {}
+def _test(
+    key: str, run: str, baseline: str, values: dict[Any, float], base_values: dict[Any, float], adjust: str
+) -> SeedTest:
+    shared = [seed for seed in base_values if seed in values]
+    paired = len(shared) >= 2
+    if paired:
+        found = paired_difference([values[s] for s in shared], [base_values[s] for s in shared])
+    else:
+        found = welch_difference(list(values.values()), list(base_values.values()))
+    untested = ""
+    if math.isnan(found.p_value):
+        untested = "no difference in any run" if found.delta == 0.0 else "the same difference in every run"
+    return SeedTest(
+        key=key,
+        run=run,
+        baseline=baseline,
+        delta=found.delta,
+        ci95=found.ci95,
+        p_value=found.p_value,
+        p_adjusted=math.nan,
+        significant=False,
+        paired=paired,
+        pairs=len(shared) if paired else 0,
+        runs=len(values),
+        baseline_runs=len(base_values),
+        df=found.df,
+        adjust=adjust,
+        untested=untested,
+    )
+
+
+def _values(run: RunData, key: str) -> dict[Any, float] | None:
+    """A number of each of the arm's runs, by training seed (as `pool_seeds` tells them apart); None when a run
+    lacks it."""
+    values: dict[Any, float] = {}
     for member in run.folders():
         value = as_number((member.run.eval_after or {}).get(key))
         if value is None:
             return None
-        values[str(training_seed(member))] = float(value)
+        values[training_seed(member)] = float(value)
     return values
