@@ -341,7 +341,7 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """Per column: eval CE at the end (mean ± the t interval over training seeds), then per set ROUGE-L [95% CI]
     and the stop rate; the teacher and the two answers written without a model as rows."""
     sys.path.insert(0, str(REPO))
-    from kdcli.compare.render import seed_text
+    from kdcli.compare.render import md_stars, seed_text
     from kdcli.compare.seeds import SeedTest
     from kdcli.compare.student_t import mean_ci
     from kdcli.evaluation.baselines import baseline_title
@@ -354,7 +354,7 @@ def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
         ces = [_eval_ce(args.out / p) for p in paths]
         ce = mean_ci([v for v in ces if v is not None])
         cells = [f"{ce.mean:.3f}" + (f" ± {ce.half_width:.3f}" if ce.half_width is not None else "")]
-        tested = seed_text(tests[label]).replace("*", "\\*") if label in tests else "—"  # "*" would be emphasis
+        tested = md_stars(seed_text(tests[label])) if label in tests else "—"
         cells.append("baseline" if label == data["baseline"] else tested)
         cells += [_metric(data, s, label, "rougeL", "{:.2f}") for s in SETS]
         cells += [_metric(data, s, label, "stop_rate", "{:.2f}") for s in SETS]

@@ -334,6 +334,11 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def md_stars(text: str) -> str:
+    """`text` with each "*" escaped: a bare one would start emphasis in Markdown."""
+    return text.replace("*", chr(92) + "*")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     aligned = ["---"] + ["--:"] * (len(header) - 1)
     lines = ["| " + " | ".join(_md(h) for h in header) + " |", "| " + " | ".join(aligned) + " |"]
@@ -359,9 +364,9 @@ def to_markdown(comparison: Comparison) -> str:
     rows = []
     for r in comparison.training:
         rows.append([_title(r), *[_bold(_number(r.values.get(x)), x in r.best) for x in runs]])
-        if r.key in tested:  # a bare "*" would start emphasis in Markdown
+        if r.key in tested:
             title, texts = tested[r.key]
-            rows.append([title, *[texts[x].replace("*", chr(92) + "*") for x in runs]])
+            rows.append([title, *[md_stars(texts[x]) for x in runs]])
     out.append(_md_table(["", *runs], rows))
     for s in comparison.evaluation:
         out += ["", f"### {_set_title(s, bool(comparison.arms)).removeprefix('eval · ')}", ""]
@@ -376,8 +381,7 @@ def to_markdown(comparison: Comparison) -> str:
                 text = _bold(_mean_text(cell, row.format), cell.best)
                 parts = (_seeds_text(cell, row.format), _delta_text(cell, row.format), _below_text(cell))
                 extra = [t for t in parts if t is not None]
-                # A bare "*" would start emphasis in Markdown.
-                detail = "; ".join(extra).replace("*", chr(92) + "*")
+                detail = md_stars("; ".join(extra))
                 cells.append(f"{text} ({detail})" if detail else text)
             rows.append([_title(row), *cells])
         header = ["metric", *[x + (" (baseline)" if x == comparison.baseline else "") for x in runs], *s.references]
@@ -396,5 +400,5 @@ def to_markdown(comparison: Comparison) -> str:
     notes = notes_of(comparison)
     if notes:
         out += ["", *[f"- {note}" for note in notes]]
-    out += ["", f"_{legend(comparison).replace('*', chr(92) + '*')}; best in bold._", ""]
+    out += ["", f"_{md_stars(legend(comparison))}; best in bold._", ""]
     return "\n".join(out)
