@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from kdcli.engine.loop import evaluate  # noqa: E402
 from kdcli.engine.objective import Objective  # noqa: E402
 from kdcli.engine.teachers import OnlineTeacher  # noqa: E402
 from kdcli.hardware import Runtime  # noqa: E402
+from kdcli.host import cpu_model  # noqa: E402
 from kdcli.models import load_teacher, load_tokenizer  # noqa: E402
 from kdcli.recipe import Recipe, load_recipe  # noqa: E402
 
@@ -210,7 +210,7 @@ def render(r: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         SECTION,
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores shared with other jobs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. Command: `{command}` "
         f"({r['seconds'] / 60:.0f} min, {time.strftime('%Y-%m-%d')}).",
         "",

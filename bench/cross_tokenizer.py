@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from losses import machine, write_section  # noqa: E402
 
+from kdcli.host import load_average  # noqa: E402
+
 SECTION = "Cross-tokenizer"
 TEACHER = "builtin:smollm2-135m-instruct"
 ARMS = {"ce": None, "uld": "uld", "hybrid": "hybrid"}
@@ -277,10 +279,6 @@ def answers(work: Path, folder: str, seed: int, n: int) -> list[str]:
         return []
     rows = [json.loads(line) for line in found[0].read_text().splitlines()[:n]]
     return [str(row["response"]) for row in rows]
-
-
-def load_average() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
 
 
 # --------------------------------------------------------------------------------------------------- main

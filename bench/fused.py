@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.losses import write_section  # noqa: E402
+from kdcli.host import cpu_model  # noqa: E402
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -191,7 +191,7 @@ def render(summary: dict[str, dict[str, Any]], plan: dict[str, int], args: argpa
     lines = [
         SECTION,
         "",
-        f"`{command}` on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"`{command}` on {cpu_model()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}. Teacher `{recipe.teacher.model}`, student `init: {recipe.student.init}` "
         f"(`layers: {layers_shown}`), divergence {args.divergence}, kd_ratio {recipe.loss.kd_ratio}, "
         f"precision {recipe.train.precision}, micro-batch {args.batch} × {args.seq} tokens of random ids (the first "

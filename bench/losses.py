@@ -40,6 +40,7 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from kdcli.host import cpu_model, memory_info, process_memory, reset_peak_memory  # noqa: E402
 from kdcli.losses import LOSSES, get_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,23 +140,6 @@ def _progress(r: dict) -> None:
     print(f"  {r['dtype']:5s} {r['div']:5s} {r['impl']:10s} {r['ms']:9.2f} ms {r['peak_extra_mb']:8.0f} MB", flush=True)
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def cpu_worker(args: argparse.Namespace) -> None:
     """One case in this (fresh) process; prints one JSON line.
 
@@ -180,19 +164,19 @@ def cpu_worker(args: argparse.Namespace) -> None:
         print(json.dumps({impl: 1e3 * statistics.median(ts) for impl, ts in times.items()}), flush=True)
         return
     fn = build(args.div, args.impl, args.chunk_size)
-    base_kb = _status_kb("VmRSS")
-    if _reset_peak_rss():
-        peak_of = lambda: _status_kb("VmHWM")  # noqa: E731
-    else:  # ru_maxrss is a high-water mark since process start; make_inputs leaves no transient above base
-        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
+    base = process_memory("VmRSS") or 0
+    if reset_peak_memory():
+        peak_of = lambda: process_memory("VmHWM") or 0  # noqa: E731
+    else:  # ru_maxrss (KiB) is a high-water mark since process start; make_inputs leaves no transient above base
+        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731
     loss = fn(s, t, y)
     loss.backward()
-    peak_kb = peak_of()
+    peak = peak_of()
     out = {
         "div": args.div,
         "impl": args.impl,
         "dtype": args.dtype,
-        "peak_extra_mb": (peak_kb - base_kb) / 1024,
+        "peak_extra_mb": (peak - base) / 2**20,
         "loss": float(loss.detach()),
     }
     print(json.dumps(out), flush=True)
@@ -347,19 +331,11 @@ def machine(device: str) -> str:
     torch_v = torch.__version__
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch_v}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_gib = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-        mem = f", {mem_gib:.0f} GiB RAM"
-    except OSError:
-        mem = ""
+    total = memory_info("MemTotal")
+    mem = f", {total / 2**30:.0f} GiB RAM" if total else ""
     threads = torch.get_num_threads()
     py = platform.python_version()
-    return f"{cpu}, {os.cpu_count()} cores ({threads} torch threads){mem}, torch {torch_v}, Python {py}"
+    return f"{cpu_model()}, {os.cpu_count()} cores ({threads} torch threads){mem}, torch {torch_v}, Python {py}"
 
 
 def write_docs(path: Path, section: str, body: str) -> None:

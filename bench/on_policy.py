@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from kdcli.data import Collator, micro_batches  # noqa: E402
 from kdcli.engine import distill  # noqa: E402
 from kdcli.engine.on_policy import TransformersSampler, prompts_of  # noqa: E402
 from kdcli.hardware import Runtime  # noqa: E402
+from kdcli.host import cpu_model  # noqa: E402
 from kdcli.models import GenerationSettings, load_tokenizer  # noqa: E402
 from kdcli.models.generation import batch_seed, eos_ids  # noqa: E402
 from kdcli.recipe import Recipe, load_recipe  # noqa: E402
@@ -158,7 +158,7 @@ def sampler_against_bare(args: argparse.Namespace, run: dict[str, Any]) -> dict[
 def render(runs: list[dict[str, Any]], versus: dict[str, float], args: argparse.Namespace) -> str:
     recipe: Recipe = runs[0]["recipe"]
     command = " ".join(["python bench/on_policy.py", *sys.argv[1:]])
-    machine = platform.processor() or platform.machine()
+    machine = cpu_model()
     lines = [
         SECTION,
         "",

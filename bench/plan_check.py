@@ -34,13 +34,6 @@ if TYPE_CHECKING:
 SECTION = "kd plan vs measured (CPU)"
 
 
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker(cli_args: list[str]) -> None:
     """Run `kd CLI_ARGS` in this process and print one JSON line with the memory figures."""
     import torch  # noqa: F401  (imported before the baseline: the runtime every kd process pays)
@@ -48,15 +41,17 @@ def worker(cli_args: list[str]) -> None:
 
     import kdcli.engine  # noqa: F401
     from kdcli.cli import app
+    from kdcli.host import process_memory
 
-    baseline = _status_bytes("VmRSS")
+    baseline = process_memory("VmRSS") or 0
     started = time.time()
     try:
         app(cli_args, standalone_mode=False)
         rc = 0
     except SystemExit as err:  # typer.Exit inside the command
         rc = int(err.code or 0)
-    print(json.dumps({"baseline": baseline, "peak": _status_bytes("VmHWM"), "rc": rc, "s": time.time() - started}))
+    peak = process_memory("VmHWM") or 0
+    print(json.dumps({"baseline": baseline, "peak": peak, "rc": rc, "s": time.time() - started}))
 
 
 def batch_lengths(recipe: Recipe, steps: int) -> list[int]:

@@ -42,8 +42,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -536,18 +534,9 @@ def kd_versions(kd_python: str) -> dict[str, str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    try:
-        mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
-        ram = f", {mem / 2**20:.0f} GiB RAM"
-    except (OSError, AttributeError):
-        ram = ""
-    return f"{cpu}, {os.cpu_count()} cores{ram}"
+    from kdcli.host import machine_summary
+
+    return machine_summary()
 
 
 def kd_result(work: Path, name: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.errors import KdError
+from kdcli.host import process_status
 from kdcli.sizes import format_bytes
 
 # Writers that do their own I/O (torch's zip writer, safetensors' Rust one) report a full disk in their own words.
@@ -46,14 +47,11 @@ def sha256_file(path: Path) -> str:
 
 def current_umask() -> int | None:
     """Read without `os.umask(0)`, which would briefly change it for every thread of the process."""
+    value = process_status("Umask")
     try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return None
+        return int(value, 8) if value else None
+    except ValueError:
+        return None
 
 
 def fsync_dir(path: Path) -> None:

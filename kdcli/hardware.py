@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdcli.errors import KdError
+from kdcli.host import cpu_flags
 
 if TYPE_CHECKING:
     import torch
@@ -29,16 +30,6 @@ if TYPE_CHECKING:
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    try:
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def is_device_spec(spec: object) -> bool:

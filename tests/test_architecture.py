@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kdcli"
 LAYERS = {
     "errors": 0,
     "sizes": 0,
+    "host": 0,
     "durable": 1,
     "hardware": 1,
     "hub": 1,

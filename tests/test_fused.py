@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kdcli.engine.objective import cross_entropy
+from kdcli.host import process_memory
 from kdcli.losses import LOSSES, SparseTeacher, get_loss
 from kdcli.losses.fused import fused_objective
 from kdcli.losses.projection import OutputLayer, ProjectedLogits
@@ -306,11 +307,10 @@ def _child_peak_mib(script: str, mode: str) -> float:
     with subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stdin is not None
         ready = proc.stdout.readline().strip()
-        status = Path(f"/proc/{proc.pid}/status").read_text() if ready == "done" else ""
+        peak = process_memory("VmHWM", proc.pid) if ready == "done" else None
         proc.stdin.close()
-    assert proc.returncode == 0 and ready == "done", f"the {mode} child failed"
-    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(kib) / 1024
+    assert proc.returncode == 0 and ready == "done" and peak is not None, f"the {mode} child failed"
+    return peak / 2**20
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads the child's peak from /proc")

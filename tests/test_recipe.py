@@ -177,7 +177,8 @@ def test_precision_auto_follows_native_bf16(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_cpu_flags_decide_native_bf16(tmp_path: Path) -> None:
-    from kdcli.hardware import NATIVE_BF16_CPU_FLAGS, cpu_flags
+    from kdcli.hardware import NATIVE_BF16_CPU_FLAGS
+    from kdcli.host import cpu_flags
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n", encoding="utf-8")

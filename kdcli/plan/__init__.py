@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdcli.errors import KdError
+from kdcli.host import memory_info
 from kdcli.plan.configs import ModelShape, count_params, model_config, model_shape, recipe_shapes, student_config
 from kdcli.plan.memory import DEFAULT_CACHE_K, Device, Plan, Settings, build_plan
 from kdcli.sizes import format_bytes, parse_size
@@ -59,13 +59,7 @@ def device_memory(device: Device, index: int = 0) -> int | None:
             return int(torch.cuda.get_device_properties(index).total_memory)
         except (ImportError, RuntimeError, AssertionError):
             return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return memory_info("MemAvailable")
 
 
 def _cache_k(recipe: Recipe) -> int | None:
