@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from kdcli.cli import app
 from kdcli.compare.arms import arm_label
-from kdcli.compare.stats import MeanStat, PromptBootstrap, RunSpread, arm_bootstrap, prompt_bootstrap
-from kdcli.compare.student_t import mean_ci
+from kdcli.compare.spread import RunSpread
+from kdcli.compare.stats import MeanStat, PromptBootstrap, arm_bootstrap, prompt_bootstrap
+from kdcli.compare.student_t import mean_ci, t_cdf, t_quantile
 
 runner = CliRunner()
 PROMPTS, RUNS, SEEDS = 40, 3, (10, 20, 30)
@@ -157,6 +158,7 @@ def test_pool_seeds_makes_one_column_per_arm_from_its_runs(tmp_path: Path) -> No
         rouge["g-akl-s{0,1,2}"]["mean"] - rouge["g-fkl-s{0,1,2}"]["mean"]
     )
     assert rouge["g-akl-s{0,1,2}"]["p_value"] is not None
+    assert (rouge["g-akl-s{0,1,2}"]["test"], rouge["g-akl-s{0,1,2}"]["pairs"]) == ("paired by seed", 3)
     # The training table holds the runs' means; the seed is no longer a difference between the columns.
     steps = next(r for r in pooled["training"] if r["key"] == "steps")["values"]
     assert steps == {"g-fkl-s{0,1,2}": 3, "g-akl-s{0,1,2}": 3}
@@ -227,6 +229,20 @@ def test_arms_with_different_training_seeds_compare_every_run(tmp_path: Path) ->
     cells = next(r for r in evaluation["rows"] if r["metric"] == "rougeL")["cells"]
     assert (cells["g-fkl-s{0,1,2}"]["runs"], cells["g-akl-s{3,4}"]["runs"]) == (3, 2)
     assert cells["g-akl-s{3,4}"]["seeds"] == 6 and cells["g-akl-s{3,4}"]["p_value"] is not None
+    assert (cells["g-akl-s{3,4}"]["test"], cells["g-akl-s{3,4}"]["pairs"]) == ("welch", 0)
+
+
+def test_arms_sharing_some_seeds_say_which_runs_the_pairing_left_out(tmp_path: Path) -> None:
+    runs = _grid(tmp_path / "a", {"fkl": 0.5}, seeds=(0, 1, 2)) + _grid(tmp_path / "b", {"akl": 0.7}, seeds=(0, 1, 3))
+    (evaluation,) = _json(*map(str, runs), "--pool-seeds")["evaluation"]
+    cell = next(r for r in evaluation["rows"] if r["metric"] == "rougeL")["cells"]["g-akl-s{0,1,3}"]
+    assert (cell["test"], cell["pairs"], cell["unpaired"]) == ("paired by seed", 2, 2)
+    args = ["compare", *map(str, runs), "--pool-seeds", "--resamples", "300"]
+    markdown = runner.invoke(app, [*args, "--format", "markdown"]).output
+    assert "(paired by seed, 2 pairs; 2 unpaired runs left out)" in markdown
+    assert "paired by training seed where they share two or more" in markdown  # the legend
+    csv = runner.invoke(app, [*args, "--format", "csv"]).output
+    assert "paired by seed (2 pairs)" in csv
 
 
 def test_a_resample_where_a_run_has_no_value_is_left_out_of_the_arm_test() -> None:
@@ -276,3 +292,107 @@ def test_arm_p_values_when_the_arms_seed_variances_differ(runs: int, most: float
     rate = rejected / replications
     print(f"{runs} runs an arm, seed SD 0.1 against 1.2: null rejection at 0.05 {rate:.3f}")
     assert 0.03 <= rate <= most
+
+
+# ------------------------------------------------------------------------------------- arms paired by training seed
+
+
+def _shared_order(rng: np.random.Generator, runs: int, *, shift: float = 0.0, order: float = 3.0) -> np.ndarray:
+    """Token counts [arm, run, seed, prompt] where run r of either arm had training seed r: the data order it sets
+    moves both arms' run r alike (SD `order`), beside each run's own offset (SD 1)."""
+    difficulty = rng.normal(0.0, DIFFICULTY, PROMPTS)
+    arm = rng.normal(0.0, ARM_PROMPT, (2, 1, 1, PROMPTS))
+    shared = rng.normal(0.0, order, (1, runs, 1, 1))
+    offset = rng.normal(0.0, 1.0, (2, runs, 1, 1))
+    own = rng.normal(0.0, RUN_PROMPT, (2, runs, 1, PROMPTS))
+    noise = rng.normal(0.0, NOISE, (2, runs, len(SEEDS), PROMPTS))
+    tokens = MEAN_TOKENS + difficulty + arm + shared + offset + own + noise
+    tokens[1] += shift
+    return tokens
+
+
+def _arms_of(tokens: np.ndarray) -> list[list[list[MeanStat]]]:
+    return [[[MeanStat(run[s]) for s in range(len(SEEDS))] for run in arm] for arm in tokens]
+
+
+def test_arms_sharing_seeds_are_tested_on_the_per_seed_differences() -> None:
+    """The paired test is the one-arm test of the differences d_s: Δ their mean, the variance theirs over the pairs
+    plus the prompt part (computed here from the draws, as for one arm), whatever order the runs come in."""
+    tokens = _shared_order(np.random.default_rng(4), 4, shift=2.0)
+    boot = arm_bootstrap(_arms_of(tokens), training_seeds=[[0, 1, 2, 3]] * 2, resamples=600, seed=2)
+    assert boot is not None
+    test = boot.paired(0, 1)
+    assert test is not None and (test.method, test.pairs, test.unpaired) == ("paired by seed", 4, 0)
+    a, b = (spread for spread in boot.spreads if spread is not None)
+    d_observed, d_draws = b.observed - a.observed, b.draws - a.draws
+    assert test.delta == pytest.approx(d_observed.mean()) == pytest.approx(boot.observed[1] - boot.observed[0])
+    deviation = d_draws - d_draws.mean(axis=0)
+    noise = 4 / 3 * np.mean(np.var(deviation, axis=1, ddof=1))
+    parts = [(np.var(d_observed, ddof=1) / 4, 3), (max(0.0, np.var(d_draws.mean(axis=0), ddof=1) - noise / 4), 39)]
+    variance = sum(v for v, _ in parts)
+    df = variance**2 / sum(v * v / f for v, f in parts)
+    expected = 2.0 * (1.0 - t_cdf(abs(d_observed.mean()) / np.sqrt(variance), df))
+    assert test.p_value == pytest.approx(expected, rel=1e-9)
+    assert test.ci95 is not None
+    half = t_quantile(0.975, df) * np.sqrt(variance)
+    assert test.ci95 == pytest.approx((d_observed.mean() - half, d_observed.mean() + half), rel=1e-9)
+    # seeds are matched by value: the second arm's runs listed in another order give the same test
+    order = [2, 0, 3, 1]
+    shuffled = [tokens[0], tokens[1][order]]
+    again = arm_bootstrap(_arms_of(np.stack(shuffled)), training_seeds=[[0, 1, 2, 3], order], resamples=600, seed=2)
+    assert again is not None
+    other = again.paired(0, 1)
+    assert other is not None and other.p_value == pytest.approx(test.p_value, rel=1e-9)
+    assert other.ci95 == pytest.approx(test.ci95, rel=1e-9)
+
+
+def test_arms_sharing_fewer_than_two_seeds_are_tested_by_welch() -> None:
+    tokens = _shared_order(np.random.default_rng(6), 3)
+    welch = arm_bootstrap(_arms_of(tokens), resamples=300, seed=1)  # no seeds known
+    partial = arm_bootstrap(_arms_of(tokens), training_seeds=[[0, 1, 2], [0, 1, 5]], resamples=300, seed=1)
+    one = arm_bootstrap(_arms_of(tokens), training_seeds=[[0, 1, 2], [0, 6, 5]], resamples=300, seed=1)
+    assert welch is not None and partial is not None and one is not None
+    by_welch, by_pairs, by_one = welch.paired(0, 1), partial.paired(0, 1), one.paired(0, 1)
+    assert by_welch is not None and by_pairs is not None and by_one is not None
+    assert (by_welch.method, by_one.method) == ("welch", "welch")
+    assert (by_one.delta, by_one.p_value, by_one.ci95) == (by_welch.delta, by_welch.p_value, by_welch.ci95)
+    assert (by_pairs.method, by_pairs.pairs, by_pairs.unpaired) == ("paired by seed", 2, 2)
+    pair_values = partial.spreads[1].observed[:2] - partial.spreads[0].observed[:2]  # type: ignore[union-attr]
+    assert by_pairs.delta == pytest.approx(pair_values.mean())
+
+
+def test_paired_arm_p_values_are_calibrated_and_have_the_power_welch_lacks() -> None:
+    """Five runs an arm, run r of each with training seed r, the data order moving both alike (SD 3 tokens, as the
+    study's seeds move eval CE as much as the divergences do). Under the null the paired test rejects about 5 %;
+    Welch's, blind to the pairing, counts the shared order twice and almost never rejects. At a real shift of 3
+    tokens the paired test finds it most of the time, Welch's rarely."""
+    rng = np.random.default_rng(31)
+    runs, seeds = 5, [list(range(5))] * 2
+    null_paired = null_welch = 0
+    replications, shifted = 2000, 300
+    for r in range(replications):
+        arms = _arms_of(_shared_order(rng, runs))
+        paired = arm_bootstrap(arms, training_seeds=seeds, resamples=300, seed=r)
+        welch = arm_bootstrap(arms, resamples=300, seed=r)
+        assert paired is not None and welch is not None
+        a, b = paired.paired(0, 1), welch.paired(0, 1)
+        assert a is not None and b is not None and a.method == "paired by seed" and b.method == "welch"
+        null_paired += a.p_value < 0.05
+        null_welch += b.p_value < 0.05
+    found_paired = found_welch = 0
+    for r in range(shifted):
+        arms = _arms_of(_shared_order(rng, runs, shift=3.0))
+        paired = arm_bootstrap(arms, training_seeds=seeds, resamples=300, seed=r)
+        welch = arm_bootstrap(arms, resamples=300, seed=r)
+        assert paired is not None and welch is not None
+        a, b = paired.paired(0, 1), welch.paired(0, 1)
+        assert a is not None and b is not None
+        found_paired += a.p_value < 0.05 and a.delta > 0
+        found_welch += b.p_value < 0.05 and b.delta > 0
+    rate_paired, rate_welch = null_paired / replications, null_welch / replications
+    power_paired, power_welch = found_paired / shifted, found_welch / shifted
+    print(f"null rejection at 0.05: paired {rate_paired:.3f}, Welch {rate_welch:.3f}; power at 3 tokens: paired "
+          f"{power_paired:.2f}, Welch {power_welch:.2f}")  # fmt: skip
+    assert 0.035 <= rate_paired <= 0.07
+    assert rate_welch < 0.03
+    assert power_paired >= 0.6 and power_paired >= power_welch + 0.3

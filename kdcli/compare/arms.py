@@ -53,6 +53,9 @@ class ArmData(RunData):
             groups.setdefault(id(self.owners[label][0]), []).append(label)
         return list(groups.values())
 
+    def group_seeds(self, groups: Sequence[Sequence[str]]) -> list[Any]:
+        return [training_seed(self.owners[group[0]][0]) for group in groups]
+
     def pass_key(self, label: str) -> str:
         return self.owners[label][1]
 

@@ -20,14 +20,7 @@ from kdcli.compare.per_example import pass_statistics
 from kdcli.compare.ranking import HIGHER, NONE, as_number, best_runs
 from kdcli.compare.references import REFERENCE_PASS, mark_below_references, reference_sources
 from kdcli.compare.runs import RunData
-from kdcli.compare.stats import (
-    Bounds,
-    PromptBootstrap,
-    RatioStat,
-    Statistic,
-    arm_bootstrap,
-    observed,
-)
+from kdcli.compare.stats import Bounds, PromptBootstrap, RatioStat, Statistic, arm_bootstrap, observed
 from kdcli.compare.student_t import mean_ci
 
 # (key, title, better direction, format). Length has no better direction: shorter is not better, nor longer.
@@ -70,6 +63,9 @@ class MetricCell:
     p_value: float | None = None  # paired bootstrap over prompts, two-sided, as tested; NaN: identical, no test
     p_adjusted: float | None = None  # p_value adjusted for the table's number of tests (`--adjust`)
     significant: bool | None = None  # p_adjusted < 0.05
+    test: str = ""  # which test gave p: "bootstrap" (runs), "welch" or "paired by seed" (arms); "" untested
+    pairs: int = 0  # paired by seed: the training seeds both arms have; the runs left out (`stats.BootstrapResult`)
+    unpaired: int = 0
     best: bool = False
     # ROUGE-L only: the answers written without a model (`kd eval --baselines`) this run does not beat, the 95 %
     # interval of its ROUGE-L minus theirs not above 0 (their means, where no interval can be drawn)
@@ -178,7 +174,8 @@ def compare_set(
     statistics = _statistics(have, set_name, columns, result, references) if shared else None
     groups = {run.label: run.pass_groups(columns[run.label]) for run in have}
     groups.update({title: [[REFERENCE_PASS]] for title in result.references})
-    draws = _bootstrap(statistics, groups, resamples, seed) if statistics is not None else {}
+    seeds = {run.label: run.group_seeds(groups[run.label]) for run in have}
+    draws = _bootstrap(statistics, groups, seeds, resamples, seed) if statistics is not None else {}
 
     present = [m for m in EVAL_METRICS if any(m[0] in entry.get("metrics", {}) for entry in entries.values())]
     for key, title, direction, fmt in present:
@@ -346,12 +343,15 @@ def _note_examples(
     )
 
 
-def _bootstrap(stats: Stats, groups: dict[str, list[list[str]]], resamples: int, seed: int) -> Draws:
+def _bootstrap(
+    stats: Stats, groups: dict[str, list[list[str]]], seeds: dict[str, list[Any]], resamples: int, seed: int
+) -> Draws:
     """One prompt bootstrap per group of metrics over the same examples, every run's series drawn together.
 
     Drawing all runs on the same resamples is what pairs a run with the baseline, and lets the runs' intervals be
     read side by side. The judge covers its own subset of examples, so it is its own group. `groups[label]` splits
-    a column's passes by training run (one group for a run, one per run for an arm).
+    a column's passes by training run (one group for a run, one per run for an arm); `seeds[label]` are their
+    training seeds, which pair two arms' runs.
     """
     draws: Draws = {}
     metrics = list(dict.fromkeys(m for per in stats.values() for m in per))
@@ -366,7 +366,8 @@ def _bootstrap(stats: Stats, groups: dict[str, list[list[str]]], resamples: int,
         if not keys:
             continue
         series = [[[stats[label][m][p] for p in passes] for passes in groups[label]] for label, m in keys]
-        boot = arm_bootstrap(series, resamples=resamples, seed=seed)
+        training_seeds = [seeds.get(label, ()) for label, _ in keys]
+        boot = arm_bootstrap(series, training_seeds=training_seeds, resamples=resamples, seed=seed)
         if boot is not None:
             draws.update({key: (boot, k) for k, key in enumerate(keys)})
     return draws
@@ -399,7 +400,8 @@ def _test_against_baseline(result: SetComparison, draws: Draws, baseline: str) -
             if test is not None:
                 cell.delta, cell.delta_ci95 = test.delta, test.ci95
                 cell.p_value = cell.p_adjusted = test.p_value
-                cell.significant = test.significant
+                cell.significant, cell.test = test.significant, test.method
+                cell.pairs, cell.unpaired = test.pairs, test.unpaired
 
 
 def _note_settings(result: SetComparison, entries: dict[str, dict[str, Any]]) -> None:

@@ -99,6 +99,7 @@ def to_csv(comparison: Comparison) -> str:
                         significant="" if cell.significant is None else cell.significant,
                         best=cell.best,
                         not_above="; ".join(cell.not_above),
+                        test=f"{cell.test} ({cell.pairs} pairs)" if cell.pairs else cell.test,
                     )
                 writer.writerow(base)
     for h in comparison.head_to_head:

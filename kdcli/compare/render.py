@@ -32,7 +32,9 @@ def legend(comparison: Comparison) -> str:
             f"arms ({', '.join(f'{label}: {len(paths)} runs' for label, paths in comparison.arms.items())}): mean over "
             "the arm's training runs; training seeds ±: 95% Student t interval over the runs' values; the arm's CI, "
             "its Δ's CI and p: Student t on the prompt bootstrap's variance plus the training seeds' "
-            "(Welch–Satterthwaite degrees of freedom) · "
+            "(Welch–Satterthwaite degrees of freedom); an arm's Δ against the baseline arm is paired by training "
+            "seed where they share two or more (the mean of the per-seed differences, with their variance in place "
+            "of the two arms') · "
         )
     return arms + (
         "mean over seeds [95% CI over prompts: percentile bootstrap, the prompts resampled once per draw for every "
@@ -106,7 +108,15 @@ def _delta_text(cell: MetricCell, fmt: str) -> str | None:
     elif cell.p_value is not None:
         shown = cell.p_adjusted if cell.p_adjusted is not None else cell.p_value
         text += f" {_p(shown)} " + ("*" if cell.significant else "n.s.")
+    if cell.unpaired and cell.p_value is not None and not math.isnan(cell.p_value):  # all paired: the legend says
+        text += pairing_text(cell.pairs, cell.unpaired)
     return text
+
+
+def pairing_text(pairs: int, left_out: int) -> str:
+    """How two arms were paired by training seed, and the runs the pairing left out."""
+    unpaired = f"; {left_out} unpaired run{'s' if left_out != 1 else ''} left out" if left_out else ""
+    return f" (paired by seed, {pairs} pairs{unpaired})"
 
 
 def adjusted_how(adjust: str, tests: int, family: str) -> str:
@@ -141,9 +151,7 @@ def seed_text(test: SeedTest, fmt: str = "{:.3f}") -> str:
         text += f" {_p(test.p_adjusted)} " + ("*" if test.significant else "n.s.")
     if not test.paired:
         return text + f" (Welch, {test.runs} against {test.baseline_runs} runs)"
-    left_out = test.runs + test.baseline_runs - 2 * test.pairs
-    unpaired = f"; {left_out} unpaired run{'s' if left_out != 1 else ''} left out" if left_out else ""
-    return text + f" (paired by seed, {test.pairs} pairs{unpaired})"
+    return text + pairing_text(test.pairs, test.runs + test.baseline_runs - 2 * test.pairs)
 
 
 def seed_rows(comparison: Comparison) -> dict[str, tuple[str, dict[str, str]]]:

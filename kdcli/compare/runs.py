@@ -55,6 +55,10 @@ class RunData:
         """`passes` split by training run: one group here (an arm has one per run)."""
         return [list(passes)]
 
+    def group_seeds(self, groups: Sequence[Sequence[str]]) -> list[Any]:
+        """The training seed of each of `pass_groups`' groups, what pairs two arms' runs: none for one run."""
+        return [None for _ in groups]
+
     def pass_key(self, label: str) -> str:
         """The sampling pass a pass label is (`seed-10`), by which columns share passes: the label itself here."""
         return label

@@ -28,6 +28,7 @@ from kdcli.compare.arms import training_seed
 from kdcli.compare.multiple import adjust_p_values
 from kdcli.compare.ranking import as_number
 from kdcli.compare.runs import RunData
+from kdcli.compare.spread import paired_seeds
 from kdcli.compare.student_t import ALPHA, t_cdf, t_quantile
 
 # Training numbers that are tested across seeds: the one kd compare ranks across divergences.
@@ -134,8 +135,8 @@ def seed_tests(runs: Sequence[RunData], baseline: str, adjust: str) -> list[Seed
 def _test(
     key: str, run: str, baseline: str, values: dict[Any, float], base_values: dict[Any, float], adjust: str
 ) -> SeedTest:
-    shared = [seed for seed in base_values if seed in values]
-    paired = len(shared) >= 2
+    shared = paired_seeds(base_values, values) or []
+    paired = bool(shared)
     if paired:
         found = paired_difference([values[s] for s in shared], [base_values[s] for s in shared])
     else:

@@ -23,6 +23,13 @@ noise already inside those run values (the prompts' own effect, estimated from t
 counted twice). With three runs that variance is itself uncertain, so intervals and p-values use Student's t with
 Welch–Satterthwaite degrees of freedom instead of the bootstrap's percentiles.
 
+Two arms whose runs share training seeds are tested paired by seed, as the training table's eval CE is
+(`seeds`): `kd distill --grid seed=...` gives every arm's seed-s run the same data order, so a seed that helps one
+arm tends to help the other. The per-seed differences d_s then stand in for the two arms' runs: Δ is their mean,
+and the variance is theirs over the number of pairs plus the prompts' part, computed as for one arm of runs d_s.
+Runs whose seed the other arm lacks are left out of that test (`BootstrapResult.unpaired`); arms sharing fewer
+than two seeds are tested by Welch's sum.
+
 The t quantiles are `student_t`'s.
 """
 
@@ -35,6 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kdcli.compare.spread import RunSpread
 from kdcli.compare.student_t import ALPHA, t_cdf, t_quantile
 
 DEFAULT_RESAMPLES = 10_000
@@ -171,37 +179,13 @@ class BootstrapResult:
     p_value: float  # two-sided
     resamples: int
     ci95: tuple[float, float] | None = None  # percentile interval of the resampled deltas, bias-centred
+    pairs: int = 0  # arms tested paired by training seed: the seeds both have (0: not paired)
+    unpaired: int = 0  # runs of either arm left out of a paired test, their seed missing from the other arm
+    method: str = "bootstrap"  # the prompt bootstrap's p; "welch" or "paired by seed" where arms of runs are tested
 
     @property
     def significant(self) -> bool:
         return self.p_value < ALPHA  # False for NaN: nothing was tested
-
-
-@dataclass(frozen=True)
-class RunSpread:
-    """The training runs of one arm on the shared resamples: what the seed adds to the arm mean's variance."""
-
-    observed: np.ndarray  # [R] each run's value (the mean over its passes)
-    draws: np.ndarray  # [R, B] each run's value on the shared resamples of prompts
-
-    @property
-    def runs(self) -> int:
-        return int(self.observed.shape[0])
-
-    def seed_variance(self) -> float:
-        """The runs' sample variance: how much a run's value moves with its training seed, per-prompt noise
-        included (on these prompts)."""
-        return float(np.var(self.observed, ddof=1))
-
-    def noise_variance(self, kept: np.ndarray) -> float:
-        """The part of `seed_variance` that per-prompt noise makes, as the prompt bootstrap sees it too, on the
-        resamples `kept` (a mask). A run's deviation from the arm on a resample, θ*_r − θ̄*, varies only through
-        that noise (a run's own offset is the same on every resample), with variance (1 − 1/R) times it, so it
-        is R/(R − 1) times the mean of those variances."""
-        runs = self.runs
-        draws = self.draws[:, kept]
-        deviation = draws - draws.mean(axis=0, keepdims=True)
-        return runs / (runs - 1) * float(np.mean(np.var(deviation, axis=1, ddof=1)))
 
 
 @dataclass(frozen=True)
@@ -225,16 +209,16 @@ class PromptBootstrap:
         return self.spreads[k] if k < len(self.spreads) else None
 
     def _t_interval(
-        self, centre: float, boot: np.ndarray, arms: Sequence[int], level: float
+        self, centre: float, boot: np.ndarray, spreads: Sequence[RunSpread], level: float
     ) -> tuple[tuple[float, float], float, float] | None:
-        """(interval, standard error, degrees of freedom) of `centre`, a value or difference of the series `arms`.
+        """(interval, standard error, degrees of freedom) of `centre`, a value or difference whose runs are
+        `spreads` (an arm's, two arms', or the per-seed differences of two).
 
-        The variance is Σ s²_k / R_k over the arms of several runs (their seed variance, Welch's term) plus what
-        the prompt bootstrap of `boot` adds beyond the per-prompt noise those terms already hold (the prompts'
-        own effect; floored at 0), with Welch–Satterthwaite degrees of freedom, all on the resamples where every
-        run's value is a number. None when fewer than two are, or when a run's own value is not a number.
+        The variance is Σ s²_k / R_k over the spreads (their seed variance, Welch's term) plus what the prompt
+        bootstrap of `boot` adds beyond the per-prompt noise those terms already hold (the prompts' own effect;
+        floored at 0), with Welch–Satterthwaite degrees of freedom, all on the resamples where every run's value
+        is a number. None when fewer than two are, or when a run's own value is not a number.
         """
-        spreads = [spread for k in dict.fromkeys(arms) if (spread := self._spread(k)) is not None]
         kept = np.isfinite(boot)
         for spread in spreads:
             if not np.all(np.isfinite(spread.observed)):
@@ -263,7 +247,8 @@ class PromptBootstrap:
         centre = float(self.observed[k])
         if self._spread(k) is None:
             return percentile_interval(self.draws[k], centre, level, bounds)
-        found = self._t_interval(centre, self.draws[k], [k], level)
+        spread = self._spread(k)
+        found = self._t_interval(centre, self.draws[k], [spread] if spread else [], level)
         if found is None or bounds is None:
             return None if found is None else found[0]
         _, se, df = found
@@ -275,7 +260,8 @@ class PromptBootstrap:
         return _from_logit(logit - half, bounds), _from_logit(logit + half, bounds)
 
     def paired(self, base: int, run: int) -> BootstrapResult | None:
-        """Two-sided test of series `run` − series `base`, paired through the shared resamples.
+        """Two-sided test of series `run` − series `base`, paired through the shared resamples, and for two arms of
+        runs also by training seed where they share two or more (module docstring).
 
         The p-value is that of the bootstrap distribution shifted to the null (Efron & Tibshirani 1993, §16.4):
         p = (1 + #{|δ* − mean δ*| ≥ |δ̂|}) / (1 + B), which is never 0, as a p-value from B resamples should not
@@ -286,16 +272,24 @@ class PromptBootstrap:
         if math.isnan(delta):
             return None
         boot = self.draws[run] - self.draws[base]
-        if self._spread(base) is not None or self._spread(run) is not None:
-            found = self._t_interval(delta, boot, [base, run], 1.0 - ALPHA)
+        mine, theirs = self._spread(run), self._spread(base)
+        if mine is not None or theirs is not None:
+            spreads = [spread for spread in (theirs, mine) if spread is not None]
+            pairs = unpaired = 0
+            paired = mine.minus(theirs) if mine is not None and theirs is not None else None
+            if paired is not None:
+                difference, unpaired = paired
+                spreads, pairs = [difference], difference.runs
+                delta = math.fsum(difference.observed) / pairs
+                boot = difference.draws.mean(axis=0)
+            found = self._t_interval(delta, boot, spreads, 1.0 - ALPHA)
             if found is None:
                 return None
             interval, se, df = found
-            if se == 0.0:  # every run and resample agree: a difference of 0 is no evidence either way
-                return BootstrapResult(delta, math.nan if delta == 0.0 else 0.0, self.resamples, interval)
-            t = abs(delta) / se
-            p_value = 2.0 * (1.0 - t_cdf(t, df))
-            return BootstrapResult(delta, p_value, self.resamples, interval)
+            p_value = 2.0 * (1.0 - t_cdf(abs(delta) / se, df)) if se > 0.0 else math.nan if delta == 0.0 else 0.0
+            # se 0: every run and resample agree; a difference of 0 is then no evidence either way
+            method = "paired by seed" if pairs else "welch"
+            return BootstrapResult(delta, p_value, self.resamples, interval, pairs, unpaired, method)
         finite = boot[np.isfinite(boot)]
         if not finite.size:
             return None
@@ -327,10 +321,12 @@ def prompt_bootstrap(
 def arm_bootstrap(
     arms: Sequence[Sequence[Sequence[Statistic]]],
     *,
+    training_seeds: Sequence[Sequence[object]] = (),
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> PromptBootstrap | None:
-    """`prompt_bootstrap` for arms of training runs: `arms[k][r]` holds run r's statistic on each of its passes.
+    """`prompt_bootstrap` for arms of training runs: `arms[k][r]` holds run r's statistic on each of its passes,
+    and `training_seeds[k][r]`, where given, run r's training seed (what pairs two arms' runs).
 
     Every pass of every run of every arm is drawn on the same resamples of prompts. An arm's value is the mean over
     its runs of each run's mean over its passes; an arm of one run is exactly `prompt_bootstrap`'s series, and an
@@ -361,7 +357,7 @@ def arm_bootstrap(
     run_draws /= np.array([len(passes) for passes in flat], dtype=np.float64)[:, None]
     observed_values, draws, spreads = [], [], []
     first = 0
-    for runs in arms:
+    for k, runs in enumerate(arms):
         own = slice(first, first + len(runs))
         first += len(runs)
         if len(runs) == 1:
@@ -371,7 +367,8 @@ def arm_bootstrap(
         else:
             observed_values.append(math.fsum(run_observed[own]) / len(runs))
             draws.append(run_draws[own].mean(axis=0))
-            spreads.append(RunSpread(run_observed[own].copy(), run_draws[own].copy()))
+            seeds = tuple(training_seeds[k]) if k < len(training_seeds) else ()
+            spreads.append(RunSpread(run_observed[own].copy(), run_draws[own].copy(), seeds))
     return PromptBootstrap(np.array(observed_values), np.stack(draws), n, tuple(spreads))
 
 
