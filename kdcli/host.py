@@ -62,9 +62,9 @@ def memory_info(key: str) -> int | None:
     return _kib_as_bytes(_field(_read(PROC / "meminfo"), key))
 
 
-def cpu_flags(cpuinfo: Path = PROC / "cpuinfo") -> frozenset[str]:
-    """The first CPU's instruction-set flags (`avx512_bf16`, `amx_bf16`, ...)."""
-    return frozenset((_field(_read(cpuinfo), "flags") or "").split())
+def cpu_flags(cpuinfo: Path | None = None) -> frozenset[str]:
+    """The first CPU's instruction-set flags (`avx512_bf16`, `amx_bf16`, ...), from /proc/cpuinfo or `cpuinfo`."""
+    return frozenset((_field(_read(cpuinfo or PROC / "cpuinfo"), "flags") or "").split())
 
 
 def cpu_model() -> str:

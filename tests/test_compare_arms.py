@@ -242,7 +242,7 @@ def test_arms_sharing_some_seeds_say_which_runs_the_pairing_left_out(tmp_path: P
     assert "(paired by seed, 2 pairs; 2 unpaired runs left out)" in markdown
     assert "paired by training seed where they share two or more" in markdown  # the legend
     csv = runner.invoke(app, [*args, "--format", "csv"]).output
-    assert "paired by seed (2 pairs)" in csv
+    assert "paired by seed (2 pairs; 2 unpaired)" in csv
 
 
 def test_a_resample_where_a_run_has_no_value_is_left_out_of_the_arm_test() -> None:
@@ -359,6 +359,27 @@ def test_arms_sharing_fewer_than_two_seeds_are_tested_by_welch() -> None:
     assert (by_pairs.method, by_pairs.pairs, by_pairs.unpaired) == ("paired by seed", 2, 2)
     pair_values = partial.spreads[1].observed[:2] - partial.spreads[0].observed[:2]  # type: ignore[union-attr]
     assert by_pairs.delta == pytest.approx(pair_values.mean())
+
+
+def test_a_run_the_pairing_leaves_out_does_not_count_even_without_a_value() -> None:
+    """An unpaired run with no value (NaN: a ratio with nothing under it) makes the arm's mean NaN, but the paired
+    test is on the pairs alone and stands as it was."""
+    tokens = _shared_order(np.random.default_rng(9), 3, shift=2.0)
+    boot = arm_bootstrap(_arms_of(tokens), training_seeds=[[0, 1, 2], [0, 1, 5]], resamples=300, seed=1)
+    assert boot is not None
+    base, arm = boot.spreads
+    assert base is not None and arm is not None
+    observed, draws = arm.observed.copy(), arm.draws.copy()
+    observed[2], draws[2] = np.nan, np.nan  # the run of seed 5, which the baseline arm lacks
+    holed = RunSpread(observed, draws, arm.seeds)
+    arm_observed, arm_draws = boot.observed.copy(), boot.draws.copy()
+    arm_observed[1], arm_draws[1] = np.nan, np.nan
+    with_hole = PromptBootstrap(arm_observed, arm_draws, boot.prompts, (base, holed))
+    test, reference = with_hole.paired(0, 1), boot.paired(0, 1)
+    assert test is not None and reference is not None and test.pairs == 2
+    assert (test.delta, test.p_value, test.ci95) == (reference.delta, reference.p_value, reference.ci95)
+    unpaired = PromptBootstrap(arm_observed, arm_draws, boot.prompts, (base, RunSpread(observed, draws)))
+    assert unpaired.paired(0, 1) is None  # without seeds, Welch's mean over every run is not a number
 
 
 def test_paired_arm_p_values_are_calibrated_and_have_the_power_welch_lacks() -> None:

@@ -63,7 +63,7 @@ class MetricCell:
     p_value: float | None = None  # paired bootstrap over prompts, two-sided, as tested; NaN: identical, no test
     p_adjusted: float | None = None  # p_value adjusted for the table's number of tests (`--adjust`)
     significant: bool | None = None  # p_adjusted < 0.05
-    test: str = ""  # which test gave p: "bootstrap" (runs), "welch" or "paired by seed" (arms); "" untested
+    test: str = ""  # which test gave p (`spread.BOOTSTRAP`, `WELCH`, `PAIRED_BY_SEED`); "" where none
     pairs: int = 0  # paired by seed: the training seeds both arms have; the runs left out (`stats.BootstrapResult`)
     unpaired: int = 0
     best: bool = False

@@ -11,6 +11,8 @@ from typing import Any
 
 from kdcli.compare.core import Comparison
 from kdcli.compare.render import legend, notes_of, to_markdown
+from kdcli.compare.seeds import unpaired
+from kdcli.compare.spread import PAIRED_BY_SEED, WELCH, method_label
 
 FORMATS = ("table", "markdown", "json", "csv")
 
@@ -63,7 +65,7 @@ def to_csv(comparison: Comparison) -> str:
                     "p_value": _csv_number(test.p_value),
                     "p_adjusted": _csv_number(test.p_adjusted),
                     "significant": test.significant,
-                    "test": f"paired by seed ({test.pairs} pairs)" if test.paired else "welch",
+                    "test": method_label(PAIRED_BY_SEED if test.paired else WELCH, test.pairs, unpaired(test)),
                 }
             writer.writerow(
                 {
@@ -99,7 +101,7 @@ def to_csv(comparison: Comparison) -> str:
                         significant="" if cell.significant is None else cell.significant,
                         best=cell.best,
                         not_above="; ".join(cell.not_above),
-                        test=f"{cell.test} ({cell.pairs} pairs)" if cell.pairs else cell.test,
+                        test=method_label(cell.test, cell.pairs, cell.unpaired),
                     )
                 writer.writerow(base)
     for h in comparison.head_to_head:

@@ -16,7 +16,7 @@ from rich.text import Text
 from kdcli.compare.core import Comparison, HeadToHead, ValueRow
 from kdcli.compare.evalset import MetricCell, MetricRow, SetComparison
 from kdcli.compare.ranking import HIGHER, LOWER
-from kdcli.compare.seeds import TESTED, SeedTest
+from kdcli.compare.seeds import TESTED, SeedTest, unpaired
 
 MISSING = "—"
 BEST = "★"
@@ -34,7 +34,7 @@ def legend(comparison: Comparison) -> str:
             "its Δ's CI and p: Student t on the prompt bootstrap's variance plus the training seeds' "
             "(Welch–Satterthwaite degrees of freedom); an arm's Δ against the baseline arm is paired by training "
             "seed where they share two or more (the mean of the per-seed differences, with their variance in place "
-            "of the two arms') · "
+            "of the two arms'), else by Welch's sum · "
         )
     return arms + (
         "mean over seeds [95% CI over prompts: percentile bootstrap, the prompts resampled once per draw for every "
@@ -151,7 +151,7 @@ def seed_text(test: SeedTest, fmt: str = "{:.3f}") -> str:
         text += f" {_p(test.p_adjusted)} " + ("*" if test.significant else "n.s.")
     if not test.paired:
         return text + f" (Welch, {test.runs} against {test.baseline_runs} runs)"
-    return text + pairing_text(test.pairs, test.runs + test.baseline_runs - 2 * test.pairs)
+    return text + pairing_text(test.pairs, unpaired(test))
 
 
 def seed_rows(comparison: Comparison) -> dict[str, tuple[str, dict[str, str]]]:

@@ -108,6 +108,11 @@ def _t(delta: float, se: float, df: float) -> Difference:
     return Difference(delta, (delta - half, delta + half), min(1.0, p), df)
 
 
+def unpaired(test: SeedTest) -> int:
+    """The runs of either arm a paired test left out, their seed missing from the other arm."""
+    return test.runs + test.baseline_runs - 2 * test.pairs if test.paired else 0
+
+
 def seed_tests(runs: Sequence[RunData], baseline: str, adjust: str) -> list[SeedTest]:
     """Each arm of two or more runs against the baseline arm, on every `TESTED` number, p-values adjusted per row."""
     base = next((run for run in runs if run.label == baseline), None)

@@ -9,6 +9,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# How a p-value was found, as JSON's `test` and CSV's `test` column name it: the prompt bootstrap (runs), Welch's
+# sum of two arms' variances, or the per-seed differences of two arms that share training seeds.
+BOOTSTRAP, WELCH, PAIRED_BY_SEED = "bootstrap", "welch", "paired by seed"
+
+
+def method_label(method: str, pairs: int = 0, unpaired: int = 0) -> str:
+    """`method` with the pairs it was paired on and the runs the pairing left out: 'paired by seed (2 pairs; 2
+    unpaired)'."""
+    if method != PAIRED_BY_SEED:
+        return method
+    return f"{method} ({pairs} pairs" + (f"; {unpaired} unpaired)" if unpaired else ")")
+
 
 @dataclass(frozen=True)
 class RunSpread:

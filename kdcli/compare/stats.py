@@ -42,7 +42,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kdcli.compare.spread import RunSpread
+from kdcli.compare.spread import BOOTSTRAP, PAIRED_BY_SEED, WELCH, RunSpread
 from kdcli.compare.student_t import ALPHA, t_cdf, t_quantile
 
 DEFAULT_RESAMPLES = 10_000
@@ -181,7 +181,7 @@ class BootstrapResult:
     ci95: tuple[float, float] | None = None  # percentile interval of the resampled deltas, bias-centred
     pairs: int = 0  # arms tested paired by training seed: the seeds both have (0: not paired)
     unpaired: int = 0  # runs of either arm left out of a paired test, their seed missing from the other arm
-    method: str = "bootstrap"  # the prompt bootstrap's p; "welch" or "paired by seed" where arms of runs are tested
+    method: str = BOOTSTRAP  # the prompt bootstrap's p; WELCH or PAIRED_BY_SEED where arms of runs are tested
 
     @property
     def significant(self) -> bool:
@@ -247,8 +247,7 @@ class PromptBootstrap:
         centre = float(self.observed[k])
         if self._spread(k) is None:
             return percentile_interval(self.draws[k], centre, level, bounds)
-        spread = self._spread(k)
-        found = self._t_interval(centre, self.draws[k], [spread] if spread else [], level)
+        found = self._t_interval(centre, self.draws[k], [self.spreads[k]], level)
         if found is None or bounds is None:
             return None if found is None else found[0]
         _, se, df = found
@@ -266,11 +265,10 @@ class PromptBootstrap:
         The p-value is that of the bootstrap distribution shifted to the null (Efron & Tibshirani 1993, §16.4):
         p = (1 + #{|δ* − mean δ*| ≥ |δ̂|}) / (1 + B), which is never 0, as a p-value from B resamples should not
         be. For a mean, mean δ* is δ̂ up to Monte Carlo error; centring on the draws' own mean keeps a statistic
-        that resampling biases (distinct-n) from reading its bias as evidence. None when δ̂ is not a number.
+        that resampling biases (distinct-n) from reading its bias as evidence. None when δ̂ is not a number (for
+        arms paired by seed, δ̂ of the pairs: a run the pairing leaves out does not count).
         """
         delta = float(self.observed[run] - self.observed[base])
-        if math.isnan(delta):
-            return None
         boot = self.draws[run] - self.draws[base]
         mine, theirs = self._spread(run), self._spread(base)
         if mine is not None or theirs is not None:
@@ -282,14 +280,18 @@ class PromptBootstrap:
                 spreads, pairs = [difference], difference.runs
                 delta = math.fsum(difference.observed) / pairs
                 boot = difference.draws.mean(axis=0)
+            if math.isnan(delta):
+                return None
             found = self._t_interval(delta, boot, spreads, 1.0 - ALPHA)
             if found is None:
                 return None
             interval, se, df = found
             p_value = 2.0 * (1.0 - t_cdf(abs(delta) / se, df)) if se > 0.0 else math.nan if delta == 0.0 else 0.0
             # se 0: every run and resample agree; a difference of 0 is then no evidence either way
-            method = "paired by seed" if pairs else "welch"
+            method = PAIRED_BY_SEED if pairs else WELCH
             return BootstrapResult(delta, p_value, self.resamples, interval, pairs, unpaired, method)
+        if math.isnan(delta):
+            return None
         finite = boot[np.isfinite(boot)]
         if not finite.size:
             return None
