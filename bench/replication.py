@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,8 @@ def report(args: argparse.Namespace, draw: bool = True) -> str:
         "sampling seed's answers. It reads why ROUGE-L can rank students apart from eval CE on these sets, whose "
         "references restate the question (the copied prompt's row of the table above).",
         "",
+        correlations(args, runs),
+        "",
         table.strip(),
     ]
     return "\n".join(lines) + "\n"
@@ -335,6 +338,35 @@ def echoes(args: argparse.Namespace, data: dict[str, Any]) -> str:
             cells.append("—" if math.isnan(share) else f"{100 * share:.0f} %")
         rows.append([label, *cells])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def correlations(args: argparse.Namespace, runs: list[str]) -> str:
+    """Per set, across the arms' runs (one value a run): Pearson's r of a run's ROUGE-L with its echo share and
+    with its eval CE at the end."""
+    from kdcli.models.passes import read_generations
+
+    cells = []
+    for set_name in SETS:
+        rouge, echo, ce = [], [], []
+        for run in runs:
+            results = json.loads((args.out / run / "eval" / "results.json").read_text(encoding="utf-8"))
+            score = ((results["sets"].get(set_name) or {}).get("sampling") or {}).get("metrics", {}).get("rougeL")
+            eval_ce = _eval_ce(args.out / run)
+            if not score or eval_ce is None:
+                continue
+            passes = sorted((args.out / run / "eval" / set_name).glob("seed-*.jsonl"))
+            rouge.append(float(score["mean"]))
+            echo.append(echo_share([row for passed in passes for row in read_generations(passed)]))
+            ce.append(eval_ce)
+        if len(rouge) >= 3:
+            with_echo, with_ce = statistics.correlation(rouge, echo), statistics.correlation(rouge, ce)
+            cells.append(f"{set_name} {with_echo:+.2f} with the echo share and {with_ce:+.2f} with eval CE")
+    return (
+        f"Across the {len(runs)} arms' runs, one value a run, Pearson's r of a run's ROUGE-L: "
+        + "; ".join(cells)
+        + ". Eval CE (on the starter eval split's reference answers) is lower for a better student, so a positive "
+        "r with it means the runs that predict reference answers worse score higher on ROUGE-L."
+    )
 
 
 def side_by_side(args: argparse.Namespace, data: dict[str, Any]) -> str:
