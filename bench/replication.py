@@ -33,6 +33,7 @@ by git: users do not have ../shared, and no test reads it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -306,35 +307,38 @@ def _cost(args: argparse.Namespace, runs: list[str]) -> str:
     )
 
 
-def echo_share(rows: list[dict[str, Any]]) -> float:
-    """The mean over answers of the share of an answer's words that are words of its instruction."""
+@functools.cache
+def answer_echoes(folder: Path, set_name: str) -> tuple[float, ...]:
+    """Per sampled answer under `folder` (every pass of `set_name`), the share of its words that are words of its
+    instruction; answers without a word are left out. Cached: the echo table and the correlations read the same
+    answers."""
     from kdcli.evaluation.baselines import reference_words
+    from kdcli.models.passes import read_generations
 
     shares = []
-    for row in rows:
-        words = reference_words(row["response"])
-        if words:
-            asked = set(reference_words(row["instruction"]))
-            shares.append(sum(word in asked for word in words) / len(words))
+    for passed in sorted(folder.glob(f"**/{set_name}/seed-*.jsonl")):
+        for row in read_generations(passed):
+            words = reference_words(row["response"])
+            if words:
+                asked = set(reference_words(row["instruction"]))
+                shares.append(sum(word in asked for word in words) / len(words))
+    return tuple(shares)
+
+
+def echo_share(folders: list[Path], set_name: str) -> float:
+    """The mean over the answers of `folders` of the share of an answer's words that are words of its instruction."""
+    shares = [share for folder in folders for share in answer_echoes(folder, set_name)]
     return sum(shares) / len(shares) if shares else math.nan
 
 
 def echoes(args: argparse.Namespace, data: dict[str, Any]) -> str:
     """Per column and set: `echo_share` of its sampled answers, every pass of every run pooled; the teacher's too."""
-    from kdcli.models.passes import read_generations
-
     rows = [["", *SETS], ["---"] * (len(SETS) + 1)]
     columns = {**_columns(data), "teacher": ["evals/teacher"]}
     for label, paths in columns.items():
         cells = []
         for set_name in SETS:
-            answers = [
-                row
-                for path in paths
-                for passed in sorted((args.out / path).glob(f"**/{set_name}/seed-*.jsonl"))
-                for row in read_generations(passed)
-            ]
-            share = echo_share(answers)
+            share = echo_share([args.out / path for path in paths], set_name)
             cells.append("—" if math.isnan(share) else f"{100 * share:.0f} %")
         rows.append([label, *cells])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
@@ -343,21 +347,19 @@ def echoes(args: argparse.Namespace, data: dict[str, Any]) -> str:
 def correlations(args: argparse.Namespace, runs: list[str]) -> str:
     """Per set, across the arms' runs (one value a run): Pearson's r of a run's ROUGE-L with its echo share and
     with its eval CE at the end."""
-    from kdcli.models.passes import read_generations
-
-    cells = []
-    for set_name in SETS:
-        rouge, echo, ce = [], [], []
-        for run in runs:
-            results = json.loads((args.out / run / "eval" / "results.json").read_text(encoding="utf-8"))
+    found: dict[str, tuple[list[float], list[float], list[float]]] = {name: ([], [], []) for name in SETS}
+    for run in runs:
+        results = json.loads((args.out / run / "eval" / "results.json").read_text(encoding="utf-8"))
+        eval_ce = _eval_ce(args.out / run)
+        for set_name, (rouge, echo, ce) in found.items():
             score = ((results["sets"].get(set_name) or {}).get("sampling") or {}).get("metrics", {}).get("rougeL")
-            eval_ce = _eval_ce(args.out / run)
             if not score or eval_ce is None:
                 continue
-            passes = sorted((args.out / run / "eval" / set_name).glob("seed-*.jsonl"))
             rouge.append(float(score["mean"]))
-            echo.append(echo_share([row for passed in passes for row in read_generations(passed)]))
+            echo.append(echo_share([args.out / run], set_name))
             ce.append(eval_ce)
+    cells = []
+    for set_name, (rouge, echo, ce) in found.items():
         if len(rouge) >= 3:
             with_echo, with_ce = statistics.correlation(rouge, echo), statistics.correlation(rouge, ce)
             cells.append(f"{set_name} {with_echo:+.2f} with the echo share and {with_ce:+.2f} with eval CE")

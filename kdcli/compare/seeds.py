@@ -159,7 +159,7 @@ def _test(
         p_adjusted=math.nan,
         significant=False,
         paired=paired,
-        pairs=len(shared) if paired else 0,
+        pairs=len(shared),
         runs=len(values),
         baseline_runs=len(base_values),
         df=found.df,
